@@ -1,0 +1,1 @@
+"""Deployment tooling: block bootstrap, local stack commands, Dockerfile and job templates."""

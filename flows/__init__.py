@@ -1,0 +1,1 @@
+"""Prefect flows: one @flow per file, file name = flow name. Flows order tasks and summarise."""
