@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (`make bench`); figures go to docs/benchmarks.md. Not tests."""
