@@ -32,7 +32,7 @@ def demo_customers(n: int, round_no: int, seed: int = 7) -> pa.Table:
         changed = rng2.random(n) < 0.10
         mrr = np.where(changed, (mrr * rng2.uniform(0.5, 1.5, n)).round(2), mrr)
         tickets = np.where(changed, tickets + rng2.integers(1, 5, n), tickets)
-        stamp = np.where(changed, base + timedelta(days=round_no), stamp)
+        stamp = np.where(changed, base + timedelta(days=round_no), stamp)  # type: ignore[call-overload]
         ids = ids[changed]
         extra = np.arange(n, n + n // 20)
         sel = changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,6 +130,29 @@ class JobStats:
     labels: dict[str, str] = field(default_factory=dict)
     cache_hit: bool = False
     started: datetime | None = None
+
+
+_JOB_LOG: list[JobStats] = []
+_JOB_LOG_LOCK = threading.Lock()
+_JOB_LOG_MAX = 200_000
+
+
+def record_job(stats: JobStats) -> None:
+    """Process-wide log of every warehouse job, so a stage can sum its own jobs by flow_run_id label."""
+    with _JOB_LOG_LOCK:
+        _JOB_LOG.append(stats)
+        if len(_JOB_LOG) > _JOB_LOG_MAX:
+            del _JOB_LOG[: len(_JOB_LOG) - _JOB_LOG_MAX]
+
+
+def jobs_for(flow_run_id: str, task: str | None = None) -> list[JobStats]:
+    """Jobs recorded in this process whose labels carry ``flow_run_id`` (and ``task`` if given)."""
+    with _JOB_LOG_LOCK:
+        return [
+            j
+            for j in _JOB_LOG
+            if j.labels.get("flow_run_id") == flow_run_id and (task is None or j.labels.get("task") == task)
+        ]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from opsloop.warehouse.base import (
     TableSchema,
     arrow_to_logical,
     clean_labels,
+    record_job,
 )
 from opsloop.warehouse.merge import (
     STATE_SCHEMA,
@@ -175,6 +176,7 @@ class DuckDBAdapter:
             labels=dict(self.labels),
         )
         self.jobs.append(stats)
+        record_job(stats)
         return stats
 
     # -- DDL -----------------------------------------------------------------------------------
