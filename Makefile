@@ -9,12 +9,13 @@ export PREFECT_HOME ?= $(OPSLOOP_HOME)/prefect
 export PREFECT_API_URL ?= http://127.0.0.1:$(or $(OPSLOOP_PREFECT_PORT),4200)/api
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PYTHONPATH := $(CURDIR)
+export OPSLOOP_REPO := $(CURDIR)
 
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --no-sync
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo stack-up stack-down stack-status bootstrap test test-fast lint typecheck security \
+.PHONY: help setup demo deploy stack-up stack-down stack-status bootstrap test test-fast lint typecheck security \
         bench clean
 
 help: ## list targets
@@ -24,8 +25,11 @@ setup: ## install uv (if missing) and the locked environment into .venv
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --all-extras
 
-demo: setup stack-up bootstrap ## run the nightly loop on the embedded default stack
-	$(RUN) python -m flows.nightly
+demo: setup stack-up bootstrap ## seed/advance demo data, deploy, run the nightly deployment on the local worker
+	$(RUN) python -m deployments.demo
+
+deploy: ## (re)create the local deployments from prefect.yaml (pool opsloop-local)
+	$(RUN) python -m deployments.deploy local
 
 stack-up: ## start Postgres, Prefect server + worker, MLflow, CRM sandbox (idempotent)
 	$(RUN) opsloop stack up

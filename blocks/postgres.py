@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+if TYPE_CHECKING:
+    from opsloop.sources.postgres import PostgresSource
+    from opsloop.spec import PipelineSpec, SourceSpec
 
 
 class PostgresConnector(Block):
@@ -18,3 +24,9 @@ class PostgresConnector(Block):
 
     def get_dsn(self) -> str:
         return self.dsn.get_secret_value()
+
+    def get_source(self, spec: PipelineSpec, source: SourceSpec) -> PostgresSource:
+        """The core reader for one ``database`` source of a pipeline spec (watermark or CDC)."""
+        from opsloop.sources.postgres import PostgresSource
+
+        return PostgresSource(self.get_dsn(), spec, source, connect_timeout=self.connect_timeout)

@@ -13,6 +13,8 @@ from opsloop.devstack.postgres import PgCluster
 from opsloop.devstack.process import Service, url_ok
 
 WORK_POOL = "opsloop-local"
+# first starts create databases; on a busy 2-core machine MLflow alone took > 90 s to answer /health
+START_TIMEOUT = float(os.environ.get("OPSLOOP_START_TIMEOUT", "300"))
 
 
 def telemetry_off() -> dict[str, str]:
@@ -79,6 +81,8 @@ class LocalStack:
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
             "OPSLOOP_HOME": str(self.home),
+            # prefect.yaml's local pull step runs flows from this checkout
+            "OPSLOOP_REPO": str(self.repo),
         }
 
     # -- services ------------------------------------------------------------------------------
@@ -101,6 +105,7 @@ class LocalStack:
                 health_url=f"{self.prefect_api_url}/health",
                 env=prefect_env,
                 cwd=self.repo,
+                start_timeout=START_TIMEOUT,
             ),
             "mlflow": Service(
                 "mlflow-server",
@@ -123,6 +128,7 @@ class LocalStack:
                 health_url=f"{self.mlflow_url}/health",
                 env=env,
                 cwd=mlflow_dir,
+                start_timeout=START_TIMEOUT,
             ),
             "sandbox": Service(
                 "crm-sandbox",
@@ -140,6 +146,7 @@ class LocalStack:
                 health_url=f"{self.sandbox_url}/__control/health",
                 env={**env, "PYTHONPATH": str(self.repo)},
                 cwd=self.repo,
+                start_timeout=START_TIMEOUT,
             ),
             "worker": Service(
                 "prefect-worker",
@@ -147,6 +154,7 @@ class LocalStack:
                 self.run_dir,
                 env={**env, "PYTHONPATH": str(self.repo)},
                 cwd=self.repo,
+                start_timeout=START_TIMEOUT,
             ),
         }
 
@@ -170,10 +178,17 @@ class LocalStack:
         self.write_env_file()
         return started
 
-    def down(self) -> None:
-        for s in reversed(list(self.services().values())):
+    def down(self) -> list[str]:
+        """Stop every service, then PostgreSQL (idempotent). Returns what was running."""
+        stopped: list[str] = []
+        for name, s in reversed(list(self.services().items())):
+            if s.pid() is not None:
+                stopped.append(name)
             s.stop()
+        if self.pg.running():
+            stopped.append("postgres")
         self.pg.stop()
+        return stopped
 
     def status(self) -> dict[str, bool]:
         out = {"postgres": self.pg.running()}
@@ -184,10 +199,12 @@ class LocalStack:
     def urls(self) -> dict[str, str]:
         return {
             "Prefect UI": f"http://127.0.0.1:{self.prefect_port}",
+            "Prefect API": self.prefect_api_url,
             "MLflow UI": self.mlflow_url,
             "CRM sandbox": self.sandbox_url,
             "Postgres (source)": self.pg.dsn("source"),
             "DuckDB warehouse": str(self.warehouse_path),
+            "Worker": f"process worker, pool {WORK_POOL} (log: {self.run_dir / 'prefect-worker.log'})",
         }
 
     def write_env_file(self) -> Path:

@@ -6,7 +6,27 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from opsloop.spec.base import Ident, IdentList, ModelName, SpecModel, problems
+from opsloop.spec.base import Duration, Ident, IdentList, ModelName, SpecModel, problems
+
+
+class FeatureBuildSpec(SpecModel):
+    """SQL (BigQuery dialect; transpiled for DuckDB) deriving the feature table as of a date.
+
+    ``{{ ref('dataset.table') }}`` names an input table, ``@as_of`` is the as-of DATE parameter.
+    It must return the entity key, the as-of column and every feature (and the target, NULL where
+    unknown). Rows are MERGEd on (entity key, as-of), so rebuilding a date is idempotent.
+    """
+
+    sql: str
+    horizon_days: int = Field(default=90, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureBuildSpec:
+        problems(
+            ("@as_of" not in self.sql, "sql: must use the @as_of parameter (point-in-time features)"),
+            ("{{" not in self.sql, "sql: name its input tables with {{ ref('dataset.table') }}"),
+        )
+        return self
 
 
 class FeatureSpec(SpecModel):
@@ -19,6 +39,7 @@ class FeatureSpec(SpecModel):
     target: Ident
     numeric: IdentList = Field(default_factory=list)
     categorical: IdentList = Field(default_factory=list)
+    build: FeatureBuildSpec | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -56,11 +77,19 @@ class PromotionSpec(SpecModel):
     max_brier: float = Field(default=0.25, ge=0, le=1)
     min_margin: float = Field(default=0.0, ge=0, le=1)
     max_fairness_gap: float | None = Field(default=None, ge=0, le=1)
+    # direct: the gate decides at training time. shadow / canary: a challenger that passes the
+    # gate gets the ``challenger`` alias, is scored beside the champion, and promote-challenger
+    # decides on the observed score distributions and realised metrics.
+    rollout: Literal["direct", "shadow", "canary"] = "direct"
+    max_score_psi: float = Field(default=0.25, ge=0)
+    min_rollout_labels: int = Field(default=50, ge=1)
 
 
 class FairnessSpec(SpecModel):
     group_column: Ident
     min_group_size: int = Field(default=30, ge=1)
+    metric: Literal["auc", "positive_rate", "calibration"] = "auc"
+    threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
 class ModelSpec(SpecModel):
@@ -72,7 +101,35 @@ class ModelSpec(SpecModel):
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     fairness: FairnessSpec | None = None
     min_positives: int = Field(default=20, ge=1)
-    retrain_every: str | None = None
+    retrain_every: Duration | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        f = self.features
+        problems(
+            (
+                self.split.strategy == "time"
+                and self.split.time_column is not None
+                and self.split.time_column in (f.target, f.entity_key),
+                "split.timeColumn: cannot be the target or the entity key",
+            ),
+            (
+                self.promotion.max_fairness_gap is not None and self.fairness is None,
+                "promotion.maxFairnessGap: needs a fairness.groupColumn",
+            ),
+        )
+        return self
+
+
+class LabelSpec(SpecModel):
+    """Where ground truth arrives later (concept drift): ``column`` true/false per ``key``; with
+    ``eventTime`` a positive counts only for predictions made before the event."""
+
+    dataset: Ident
+    table: Ident
+    key: Ident
+    column: Ident
+    event_time: Ident | None = None
 
 
 class DriftSpec(SpecModel):
@@ -81,6 +138,9 @@ class DriftSpec(SpecModel):
     min_sample: int = Field(default=100, ge=1)
     policy: Literal["warn", "block_push", "retrain"] = "warn"
     min_realised_auc: float = Field(default=0.6, ge=0, le=1)
+    min_labels: int = Field(default=50, ge=2)
+    label_lookback_days: int = Field(default=180, ge=1)
+    labels: LabelSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DriftSpec:
@@ -117,6 +177,7 @@ class ScoringSpec(SpecModel):
     dataset: Ident = "ops_ai"
     table: Ident = "predictions"
     population: Ident | None = None
+    score_column: Ident = "predicted_churn_risk"
     risk_buckets: dict[str, float] = Field(default_factory=lambda: {"low": 0.3, "medium": 0.7, "high": 1.0})
     next_best_action: list[ActionRule] = Field(default_factory=list)
     drift: DriftSpec = Field(default_factory=DriftSpec)
@@ -127,3 +188,18 @@ class ScoringSpec(SpecModel):
     chunk_rows: int = Field(default=100_000, ge=1)
     canary_share: float = Field(default=0.0, ge=0, le=1)
     shadow: bool = False
+    history_table: Ident = "prediction_history"
+    review_table: Ident = "review_queue"
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoringSpec:
+        edges = sorted(self.risk_buckets.values())
+        problems(
+            (not self.risk_buckets, "riskBuckets: name at least one bucket"),
+            (bool(edges) and edges[-1] < 1.0, "riskBuckets: the highest bound must be 1.0"),
+            (
+                self.review.enabled and (self.review.column is None) != (self.review.min_value is None),
+                "review.minValue: give column and minValue together",
+            ),
+        )
+        return self

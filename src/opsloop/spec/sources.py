@@ -30,6 +30,9 @@ class SyncSpec(SpecModel):
     lag: Duration = timedelta(0)
     every: Duration | None = None
     cron: str | None = None
+    # watermark/full database reads cannot see hard deletes; ``keys`` compares the source's primary
+    # keys with the target after each load and deletes (or flags, per cdc.deleteMode) the missing ones
+    delete_detection: Literal["keys", "none"] = "keys"
 
 
 class TableSpec(SpecModel):

@@ -102,7 +102,10 @@ class DuckDBAdapter:
         self.threads = threads
         self.memory_limit = memory_limit
         self.jobs: list[JobStats] = []
-        self._sql = Dialect("duckdb")
+        # the catalog DuckDB names after the file; qualifying with it keeps "x"."t" unambiguous when a
+        # schema has the file's name (bench.duckdb + schema bench)
+        catalog = Path(self.path).name.split(".")[0] if self.path != ":memory:" else "memory"  # as DuckDB names it
+        self._sql = Dialect("duckdb", project=catalog)
         self._state_ready = False
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +185,7 @@ class DuckDBAdapter:
     # -- DDL -----------------------------------------------------------------------------------
     def ensure_dataset(self, dataset: str) -> None:
         with self.connect() as con:
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.ident(self._sql.dataset(dataset))}")
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema(dataset)}")
 
     def table_schema(self, ref: TableRef) -> TableSchema | None:
         with self.connect() as con:

@@ -51,7 +51,17 @@ class Dialect:
         if self.is_bigquery:
             prefix = f"{self.project}." if self.project else ""
             return f"`{prefix}{ds}.{ref.table}`"
-        return f'"{ds}"."{ref.table}"'
+        return f'{self.catalog_prefix()}"{ds}"."{ref.table}"'
+
+    def catalog_prefix(self) -> str:
+        """DuckDB: qualify with the catalog (the file's name) so a schema named like the file is unambiguous."""
+        if self.is_bigquery or not self.project:
+            return ""
+        return '"' + self.project.replace('"', '""') + '".'
+
+    def schema(self, name: str) -> str:
+        """A quoted dataset/schema name (DuckDB: catalog-qualified)."""
+        return self.catalog_prefix() + self.ident(self.dataset(name))
 
     def param(self, name: str) -> str:
         check_ident(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -52,19 +52,30 @@ def write_merge(
     batches: Iterable[pa.RecordBatch],
     spec: MergeSpec,
     job_key: str,
-    state: StateUpdate | None = None,
+    state: StateUpdate | Callable[[], StateUpdate | None] | None = None,
+    before_merge: Callable[[WriteResult], None] | None = None,
+    staging: TableRef | None = None,
 ) -> WriteResult:
     """Stage the batches, MERGE them into ``target`` and commit ``state`` with the data.
 
     An empty input still commits the state but never touches the target (no truncate, no delete).
+    ``state`` may be a callable, evaluated once the batches are consumed (a watermark known only after
+    the read; None = no position to commit with this part of a load). ``before_merge`` runs after
+    staging and before the MERGE (quality gate; raising stops the load with the target untouched).
+    ``staging`` overrides the staging table (default ``_stg_<target>``), e.g. one per scoring
+    partition when K partitions MERGE into one table.
     """
     result = WriteResult(str(target))
     wh.ensure_table(target, table_schema)
-    stg = staging_ref(target)
+    stg = staging or staging_ref(target)  # writers running concurrently into one target stage apart
     load = wh.load_staging(stg, _checked(batches, spec.keys, target), arrow_schema, job_key=f"{job_key}_load")
     result.jobs.append(load)
     result.rows_staged = load.rows
     faults.checkpoint("after_stage_load")
+    if callable(state):
+        state = state()
+    if before_merge is not None:
+        before_merge(result)
     if load.rows == 0:
         if state is not None:
             result.jobs.append(wh.commit_state(state))

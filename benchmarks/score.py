@@ -1,0 +1,160 @@
+"""Scoring benchmark: the RandomForest of the shipped spec (300 trees, depth 8) scoring 1M and 5M
+rows end to end — warehouse read → features → predict_proba → MERGE into the predictions table
+(+ history) — next to the same fitted pipeline's predict_proba on the same rows already in memory
+(the limit). Each measurement runs in its own child process (wall time, peak RSS).
+
+    python -m benchmarks.score                       # 1M and 5M rows
+    python -m benchmarks.score --rows 200000,600000  # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from benchmarks._common import DATA, REPO, run_measured, write_section
+
+AS_OF = date(2026, 11, 1)
+SPEC = REPO / "pipelines" / "customer_ops_ai.yaml"
+
+
+def _spec():  # type: ignore[no-untyped-def]
+    from opsloop.spec import load_spec
+
+    return load_spec(SPEC)
+
+
+def _features_sql(n: int) -> str:
+    """n demo-shaped feature rows generated inside DuckDB (learnable label, some NULLs)."""
+    return f"""
+CREATE OR REPLACE TABLE ops_ai.customer_features AS
+WITH b AS (
+  SELECT i, random() AS r1, random() AS r2, random() AS r3, random() AS r4, random() AS r5 FROM range({n}) t(i)
+)
+SELECT printf('C%09d', i) AS customer_id, DATE '{AS_OF}' AS as_of,
+       CASE WHEN r1 < 0.01 THEN NULL ELSE round(49 + 2000 * r2 * r2, 2) END AS mrr,
+       CAST(20 + 1400 * r3 AS BIGINT) AS tenure_days,
+       CAST(30 * r4 AS BIGINT) AS tx_count_90d,
+       round(3000 * r4 * r5, 2) AS tx_amount_90d,
+       CAST(6 * r5 * r5 AS BIGINT) AS tickets_90d,
+       CAST(3 * r5 * r1 AS BIGINT) AS open_tickets,
+       CASE WHEN r4 < 0.03 THEN NULL ELSE CAST(120 * (1 - r4) AS BIGINT) END AS days_since_last_tx,
+       ['smb', 'mid', 'enterprise'][1 + CAST(floor(r2 * 3) AS BIGINT)] AS segment,
+       ['basic', 'pro', 'enterprise'][1 + CAST(floor(r3 * 3) AS BIGINT)] AS plan,
+       CASE WHEN r1 > 0.99 THEN NULL ELSE ['DE', 'FR', 'GB', 'US', 'NL', 'ES'][1 + CAST(floor(r1 * 6) AS BIGINT)] END
+         AS country,
+       (r5 * 0.6 + (1 - r4) * 0.4 + random() * 0.3) > 0.85 AS churned
+FROM b"""
+
+
+def prepare(n: int, workdir: Path) -> tuple[Path, Path]:
+    """A DuckDB warehouse with n feature rows, and the RF fitted on a 50k sample (pickled)."""
+    from opsloop.ml.features import target_array, to_frame
+    from opsloop.ml.train import make_pipeline
+    from opsloop.warehouse.duckdb import DuckDBAdapter
+
+    spec = _spec()
+    db = workdir / f"score_{n}.duckdb"
+    db.unlink(missing_ok=True)
+    wh = DuckDBAdapter(db)
+    wh.ensure_dataset("ops_ai")
+    wh.execute(_features_sql(n))
+    model = workdir / "rf.pkl"
+    if not model.exists():
+        sample = wh.query("SELECT * FROM ops_ai.customer_features USING SAMPLE 50000 ROWS (reservoir, 7)")
+        pipe = make_pipeline(spec.model)
+        pipe.fit(to_frame(sample, spec.model.features), target_array(sample, spec.model.features))
+        model.write_bytes(pickle.dumps(pipe))
+    return db, model
+
+
+def child_e2e(db: str, model: str) -> dict[str, float]:
+    from opsloop.ml.models import ResolvedModels, ScoringModel
+    from opsloop.ml.score import score_partition
+    from opsloop.warehouse.duckdb import DuckDBAdapter
+
+    spec = _spec()
+    pipe = pickle.loads(Path(model).read_bytes())  # our own benchmark artifact
+    wh = DuckDBAdapter(db, memory_limit="512MB")  # DuckDB would otherwise cache up to 80 % of RAM
+    for t in ("predictions", "prediction_history"):
+        wh.execute(f"DROP TABLE IF EXISTS ops_ai.{t}")
+    models = ResolvedModels(ScoringModel(spec.model.name, "1", "champion", pipe))
+    started = time.perf_counter()
+    res = score_partition(wh, spec, models, as_of=AS_OF, run_id="bench", batch_id="bench", scored_at=datetime.now(UTC))
+    return {"rows": res.rows, "seconds": time.perf_counter() - started, "inserted": res.inserted}
+
+
+def child_raw(db: str, model: str) -> dict[str, float]:
+    from opsloop.ml.features import to_frame
+    from opsloop.warehouse.duckdb import DuckDBAdapter
+
+    spec = _spec()
+    pipe = pickle.loads(Path(model).read_bytes())  # our own benchmark artifact
+    table = DuckDBAdapter(db).query("SELECT * FROM ops_ai.customer_features")
+    x = to_frame(table, spec.model.features)
+    del table
+    started = time.perf_counter()
+    p = pipe.predict_proba(x)
+    return {"rows": len(p), "seconds": time.perf_counter() - started}
+
+
+def run(sizes: list[int]) -> str:
+    workdir = DATA / "score"
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| rows | end-to-end s | end-to-end rows/s | raw predict_proba s | raw rows/s | e2e / raw | e2e peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rss: list[float] = []
+    for n in sizes:
+        db, model = prepare(n, workdir)
+        res = {}
+        for mode in ("e2e", "raw"):
+            cmd = [sys.executable, "-m", "benchmarks.score", "--child", mode, "--db", str(db), "--model", str(model)]
+            m = run_measured(cmd)
+            res[mode] = {**json.loads(m.stdout.strip().splitlines()[-1]), "rss": m.peak_rss_mb}
+            print(f"  {n:>9} {mode}: {res[mode]}", flush=True)
+        e, r = res["e2e"], res["raw"]
+        ratio = (e["rows"] / e["seconds"]) / (r["rows"] / r["seconds"])
+        rss.append(e["rss"])
+        lines.append(
+            f"| {n:,} | {e['seconds']:.1f} | {e['rows'] / e['seconds']:,.0f} | {r['seconds']:.1f} | "
+            f"{r['rows'] / r['seconds']:,.0f} | {ratio:.2f} | {e['rss']:.0f} |"
+        )
+        db.unlink(missing_ok=True)
+    growth = rss[-1] / rss[0] if len(rss) > 1 else 1.0
+    return (
+        "## Scoring (RandomForest 300 trees, depth 8)\n\n"
+        "End to end = DuckDB read → local Parquet spill → features → predict_proba (chunks of 100k) → staged MERGE "
+        "into `ops_ai.predictions` + history. Raw = the same fitted pipeline's predict_proba on the same rows "
+        "already in memory. Target: e2e ≥ 0.8 of raw, peak RSS flat.\n\n"
+        + "\n".join(lines)
+        + f"\n\nPeak RSS growth {sizes[0]:,} → {sizes[-1]:,} rows: ×{growth:.2f} (the raw run holds all rows)."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--rows", default=os.environ.get("OPSLOOP_BENCH_SCORE_ROWS", "1000000,5000000"))
+    ap.add_argument("--child", choices=("e2e", "raw"))
+    ap.add_argument("--db")
+    ap.add_argument("--model")
+    args = ap.parse_args(argv if argv is not None else [])
+    if args.child:
+        out = child_e2e(args.db, args.model) if args.child == "e2e" else child_raw(args.db, args.model)
+        print(json.dumps(out), flush=True)
+        return
+    sizes = [int(x) for x in args.rows.split(",")]
+    body = run(sizes)
+    write_section("score", body, f"python -m benchmarks.score --rows {args.rows}")
+    print(body)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

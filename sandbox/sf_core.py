@@ -1,0 +1,298 @@
+"""Salesforce record semantics shared by REST, sObject Collections and Bulk API 2.0.
+
+``write_rows`` validates field names (request-level ``INVALID_FIELD``), coerces values per field
+type, enforces required / read-only fields, external-id matching (case-insensitive) and the
+sandbox's per-record failure rules, then writes every successful row in one transaction.
+Per-row outcomes come back as ``{id, success, created, errors:[{statusCode, message, fields}]}``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox.defaults import SALESFORCE, SF_PREFIX, SF_SYSTEM
+from sandbox.runtime import Sandbox
+from sandbox.store import Rec
+from sandbox.util import parse_sf_datetime, parse_ts, sf_id, sf_time
+
+SYSTEM_LOWER = {s.lower() for s in SF_SYSTEM}
+_SYSTEM_CANON = set(SF_SYSTEM) - {"Id"}  # rows are keyed by canonical names before _apply
+_DATETIME_TYPES = ("datetime",)
+_NUMBER_TYPES = ("double", "currency", "percent")
+
+
+class FieldError(Exception):
+    """A request-level field problem (unknown field): the whole request / job fails."""
+
+    def __init__(self, code: str, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fields = fields
+
+
+@dataclass
+class RowResult:
+    id: str | None = None
+    success: bool = True
+    created: bool = False
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, code: str, message: str, fields: list[str] | None = None) -> RowResult:
+        self.success = False
+        self.errors.append({"statusCode": code, "message": message, "fields": fields or []})
+        return self
+
+    def as_dict(self, with_created: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "success": self.success, "errors": self.errors}
+        if with_created:
+            out["created"] = self.created
+        return out
+
+
+def unknown_field(obj: str, name: str) -> FieldError:
+    return FieldError(
+        "INVALID_FIELD",
+        f"No such column '{name}' on sobject of type {obj}. If you are attempting to use a custom field, be sure "
+        "to append the '__c' after the custom field name. Please reference your WSDL or the describe call for the "
+        "appropriate names.",
+        [name],
+    )
+
+
+def canonical_fields(sb: Sandbox, obj: str, names: list[str]) -> dict[str, str]:
+    """Map given names (any case) to canonical API names; unknown names raise FieldError."""
+    fs = sb.fields(SALESFORCE, obj)
+    out: dict[str, str] = {}
+    for n in names:
+        if n == "attributes":
+            continue
+        d = fs.get(n.lower())
+        if d is None:
+            raise unknown_field(obj, n)
+        out[n] = d["name"]
+    return out
+
+
+def coerce(defn: dict[str, Any], value: Any) -> Any:
+    """Coerce a JSON / CSV value to what the field stores; raises ValueError with SF's wording."""
+    if value is None:
+        return None
+    t = defn["type"]
+    name = defn["name"]
+    if t in _NUMBER_TYPES or t == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: value not of required type: {value}")
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: value not of required type: {value}") from None
+        return int(num) if t == "int" else num
+    if t == "boolean":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "false", "0"):
+            return str(value).lower() in ("true", "1")
+        raise ValueError(f"{name}: value not of required type: {value}")
+    if t in _DATETIME_TYPES:
+        return sf_time(parse_sf_datetime(str(value)))
+    if t == "date":
+        text = str(value)[:10]
+        parse_ts(text)
+        return text
+    text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    if defn.get("length") and len(text) > int(defn["length"]):
+        raise OverflowError(f"{name}: data value too large: {text[:40]} (max length={defn['length']})")
+    if defn.get("restrictedPicklist"):
+        allowed = {p["value"] for p in defn.get("picklistValues", [])}
+        if text not in allowed:
+            raise LookupError(f"bad value for restricted picklist field: {text}")
+    return text
+
+
+def typed(defn: dict[str, Any], rec: Rec) -> Any:
+    """A field's value for comparisons (datetimes as epoch ms)."""
+    n = defn["name"].lower()
+    if n == "id":
+        return rec.id
+    if n == "isdeleted":
+        return rec.deleted
+    if n == "createddate":
+        return rec.created
+    if n in ("systemmodstamp", "lastmodifieddate"):
+        return rec.modstamp
+    v = rec.data.get(defn["name"])
+    if v is not None and defn["type"] in _DATETIME_TYPES:
+        return parse_ts(v)
+    return v
+
+
+def render(defn: dict[str, Any], rec: Rec) -> Any:
+    v = typed(defn, rec)
+    if defn["type"] in _DATETIME_TYPES and v is not None:
+        return sf_time(int(v))
+    return v
+
+
+def record_json(sb: Sandbox, obj: str, rec: Rec, ver: str, names: list[str] | None = None) -> dict[str, Any]:
+    fs = sb.fields(SALESFORCE, obj)
+    out: dict[str, Any] = {"attributes": {"type": obj, "url": f"/services/data/v{ver}/sobjects/{obj}/{rec.id}"}}
+    for n in names or [d["name"] for d in fs.values()]:
+        d = fs[n.lower()]
+        out[d["name"]] = render(d, rec)
+    return out
+
+
+def new_ids(sb: Sandbox, obj: str, n: int) -> list[str]:
+    prefix = SF_PREFIX.get(obj.lower(), "a00")
+    first = sb.store.next_seq(f"sf:{prefix}", n)
+    return [sf_id(prefix, first + i) for i in range(n)]
+
+
+def write_rows(
+    sb: Sandbox,
+    obj: str,
+    rows: list[dict[str, Any]],
+    op: str,
+    ext_field: str | None = None,
+    all_or_none: bool = False,
+) -> list[RowResult]:
+    """Apply ``op`` (insert | update | upsert | delete) to ``rows``; see the module docstring."""
+    fs = sb.fields(SALESFORCE, obj)
+    names = canonical_fields(sb, obj, sorted({k for r in rows for k in r}))
+    rows = [{names[k]: v for k, v in r.items() if k != "attributes"} for r in rows]
+    results = [RowResult() for _ in rows]
+    existing: dict[str, Rec] = {}
+    targets: list[str | None] = [None] * len(rows)
+    if op in ("update", "delete"):
+        for i, r in enumerate(rows):
+            targets[i] = str(r.get("Id") or "") or None
+            if targets[i] is None:
+                results[i].fail("MISSING_ARGUMENT", "Id not specified in an update call", ["Id"])
+        existing = sb.store.get_many(SALESFORCE, obj, [t for t in targets if t])
+    elif op == "upsert":
+        ext = fs[str(ext_field).lower()]["name"]
+        values = [r.get(ext) for r in rows]
+        if ext == "Id":
+            existing = sb.store.get_many(SALESFORCE, obj, [str(v) for v in values if v])
+            found = {k.lower(): [k] for k in existing}
+        else:
+            found = sb.store.lookup(SALESFORCE, obj, ext, [str(v) for v in values if v not in (None, "")])
+            ids = sorted({i for v in found.values() for i in v})
+            existing = sb.store.get_many(SALESFORCE, obj, ids)
+        live = {k: [i for i in v if i in existing and not existing[i].deleted] for k, v in found.items()}
+        found = {k: v for k, v in live.items() if v}
+        lows = [None if v in (None, "") else str(v).lower() for v in values]
+        seen = Counter(x for x in lows if x is not None)
+        for i, (v, low) in enumerate(zip(values, lows, strict=True)):
+            if low is None:
+                results[i].fail("MISSING_ARGUMENT", f"{ext} not specified", [ext])
+            elif seen[low] > 1:
+                results[i].fail("DUPLICATE_VALUE", f"Duplicate external id specified: {v}", [ext])
+            elif len(found.get(low, ())) > 1:
+                msg = f"{ext}: more than one record found for external id field: {found[low]}"
+                results[i].fail("DUPLICATE_EXTERNAL_ID", msg, [ext])
+            else:
+                targets[i] = (found.get(low) or [None])[0]
+    now = sb.now_ms()
+    required = [d["name"] for d in fs.values() if d.get("required")]
+    ext_name = fs[ext_field.lower()]["name"] if ext_field and op == "upsert" else None
+    fresh = iter(new_ids(sb, obj, sum(1 for i, t in enumerate(targets) if t is None and results[i].success)))
+    writes: list[Rec] = []
+    for i, row in enumerate(rows):
+        res = results[i]
+        if not res.success:
+            continue
+        target = targets[i]
+        old = existing.get(target) if target else None
+        if op in ("update", "delete") and (old is None or (old.deleted and op == "update")):
+            res.fail(
+                "ENTITY_IS_DELETED" if old else "INVALID_CROSS_REFERENCE_KEY",
+                "entity is deleted" if old else f"invalid cross reference id: {target}",
+                [],
+            )
+            continue
+        if op == "delete":
+            if old is not None:
+                res.id = old.id
+                writes.append(Rec(old.id, old.created, now, True, dict(old.data)))
+            continue
+        if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == str(row.get(ext_name)).lower():
+            row = {k: v for k, v in row.items() if k != ext_name}  # matched case-insensitively: value kept
+        rec = _apply(fs, obj, row, old, op, res, sb, ext_field, required)
+        if rec is None:
+            continue
+        if old is None:
+            rec.id, rec.created, res.created = next(fresh), now, True
+        rec.modstamp = now
+        res.id = rec.id
+        writes.append(rec)
+    if all_or_none and any(not r.success for r in results):
+        for r in results:
+            if r.success:
+                r.success, r.id, r.created = False, None, False
+                r.errors.append(
+                    {
+                        "statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+                        "message": "Record rolled back because not all records were valid and the request "
+                        "was using AllOrNone header",
+                        "fields": [],
+                    }
+                )
+        return results
+    with sb.store.tx() as tx:
+        tx.write(SALESFORCE, obj, writes, sb.key_fields(SALESFORCE, obj))
+    return results
+
+
+def _apply(
+    fs: dict[str, dict[str, Any]],
+    obj: str,
+    row: dict[str, Any],
+    old: Rec | None,
+    op: str,
+    res: RowResult,
+    sb: Sandbox,
+    ext_field: str | None,
+    required: list[str],
+) -> Rec | None:
+    data = dict(old.data) if old else {}
+    readonly = [k for k in row if k in _SYSTEM_CANON]
+    if readonly:
+        res.fail(
+            "INVALID_FIELD_FOR_INSERT_UPDATE",
+            f"Unable to create/update fields: {', '.join(readonly)}. Please "
+            "check the security settings of this field and verify that it is read/write for your profile or "
+            "permission set.",
+            readonly,
+        )
+        return None
+    for k, v in row.items():
+        if k == "Id":
+            continue
+        try:
+            value = coerce(fs[k.lower()], v)
+        except OverflowError as exc:
+            res.fail("STRING_TOO_LONG", str(exc), [k])
+            return None
+        except LookupError as exc:
+            res.fail("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", f"{k}: {exc}", [k])
+            return None
+        except ValueError as exc:
+            res.fail("INVALID_TYPE_ON_FIELD_IN_RECORD", str(exc), [k])
+            return None
+        if value is None:
+            data.pop(k, None)
+        else:
+            data[k] = value
+    missing = [n for n in required if data.get(n) in (None, "")]
+    if missing and (old is None or any(m in row for m in missing)):
+        res.fail("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing)
+        return None
+    key_value = str(row.get(ext_field)) if ext_field and row.get(ext_field) is not None else None
+    rule = sb.record_failure(SALESFORCE, obj, data, key_value)
+    if rule is not None:
+        res.fail(rule.error_code, rule.message, [rule.field])
+        return None
+    return Rec(old.id if old else "", old.created if old else 0, 0, False, data)

@@ -1,0 +1,370 @@
+"""On-disk state of the CRM sandbox: one SQLite file (WAL) in the state dir.
+
+Tables: ``records`` (one row per CRM record, vendor-neutral: id, created/modified epoch ms, deleted
+flag, the writable fields as JSON), ``keys`` (external-id / unique-property index, values
+lower-cased), ``fields`` (Salesforce field and HubSpot property definitions), ``kv`` (settings,
+counters, id sequences) and ``jobs`` (Bulk API 2.0 ingest jobs with their CSV results).
+Everything the sandbox knows survives a restart; 100k records upsert in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    rid INTEGER PRIMARY KEY,
+    vendor TEXT NOT NULL, object TEXT NOT NULL, id TEXT NOT NULL,
+    created INTEGER NOT NULL, modstamp INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_id ON records(vendor, object, id);
+CREATE INDEX IF NOT EXISTS records_mod ON records(vendor, object, modstamp, rid);
+CREATE TABLE IF NOT EXISTS keys (
+    vendor TEXT NOT NULL, object TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (vendor, object, field, value, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_id ON keys(vendor, object, id);
+CREATE TABLE IF NOT EXISTS fields (
+    vendor TEXT NOT NULL, object TEXT NOT NULL, name TEXT NOT NULL, pos INTEGER NOT NULL, definition TEXT NOT NULL,
+    PRIMARY KEY (vendor, object, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, info TEXT NOT NULL, upload BLOB, success BLOB, failed BLOB, unprocessed BLOB
+);
+"""
+
+
+@dataclass
+class Rec:
+    """One CRM record. ``data`` holds the writable fields (system fields are derived columns)."""
+
+    id: str
+    created: int
+    modstamp: int
+    deleted: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    rid: int | None = None
+
+
+def _row_rec(row: tuple[Any, ...]) -> Rec:
+    rid, id_, created, modstamp, deleted, data = row
+    return Rec(id_, created, modstamp, bool(deleted), json.loads(data), rid)
+
+
+_COLS = "rid, id, created, modstamp, deleted, data"
+
+
+class Store:
+    """Thread-safe (one lock) access to the sandbox's SQLite file."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "sandbox.sqlite3"
+        self.lock = threading.RLock()
+        self.con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con.execute("PRAGMA temp_store=MEMORY")
+        self.con.execute("PRAGMA cache_size=-65536")
+        self.con.executescript(SCHEMA)
+        self._fields: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None
+
+    def close(self) -> None:
+        with self.lock:
+            self.con.close()
+
+    # -- transactions --------------------------------------------------------------------------
+    def tx(self) -> _Tx:
+        return _Tx(self)
+
+    # -- kv ------------------------------------------------------------------------------------
+    def kv_get(self, key: str, default: Any = None) -> Any:
+        with self.lock:
+            row = self.con.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def kv_set(self, key: str, value: Any) -> None:
+        with self.lock:
+            self.con.execute(
+                "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def next_seq(self, name: str, n: int = 1, start: int = 1) -> int:
+        """Reserve ``n`` numbers of sequence ``name``; returns the first one."""
+        with self.lock:
+            cur = int(self.kv_get(f"seq:{name}", start - 1))
+            self.kv_set(f"seq:{name}", cur + n)
+        return cur + 1
+
+    # -- schema (fields / properties) ----------------------------------------------------------
+    def fields(self, vendor: str, obj: str) -> dict[str, dict[str, Any]]:
+        """Field definitions of an object keyed by lower-cased name (in definition order)."""
+        with self.lock:
+            if self._fields is None:
+                cache: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+                rows = self.con.execute("SELECT vendor, object, name, definition FROM fields ORDER BY pos").fetchall()
+                for v, o, name, definition in rows:
+                    cache.setdefault((v, o.lower()), {})[name.lower()] = json.loads(definition)
+                self._fields = cache
+            return self._fields.get((vendor, obj.lower()), {})
+
+    def objects(self, vendor: str) -> list[str]:
+        with self.lock:
+            rows = self.con.execute("SELECT DISTINCT object FROM fields WHERE vendor = ? ORDER BY 1", (vendor,))
+            return [r[0] for r in rows.fetchall()]
+
+    def put_field(self, vendor: str, obj: str, definition: dict[str, Any]) -> None:
+        name = definition["name"]
+        with self.lock:
+            existing = self.fields(vendor, obj).get(name.lower())
+            pos = self.con.execute(
+                "SELECT COALESCE(MAX(pos), 0) + 1 FROM fields WHERE vendor = ? AND object = ?", (vendor, obj)
+            ).fetchone()[0]
+            if existing is not None:
+                self.con.execute(
+                    "UPDATE fields SET definition = ? WHERE vendor = ? AND object = ? AND lower(name) = lower(?)",
+                    (json.dumps(definition), vendor, obj, name),
+                )
+            else:
+                self.con.execute(
+                    "INSERT INTO fields(vendor, object, name, pos, definition) VALUES (?, ?, ?, ?, ?)",
+                    (vendor, obj, name, pos, json.dumps(definition)),
+                )
+            self._fields = None
+
+    def drop_field(self, vendor: str, obj: str, name: str) -> bool:
+        with self.lock:
+            cur = self.con.execute(
+                "DELETE FROM fields WHERE vendor = ? AND object = ? AND lower(name) = lower(?)", (vendor, obj, name)
+            )
+            self._fields = None
+            return cur.rowcount > 0
+
+    def reindex(self, vendor: str, obj: str, key_fields: list[str]) -> None:
+        """Rebuild the key index of an object (after its set of key fields changed)."""
+        with self.tx() as tx:
+            tx.execute("DELETE FROM keys WHERE vendor = ? AND object = ?", (vendor, obj))
+            for batch in self.scan(vendor, obj, include_deleted=True):
+                tx.index(vendor, obj, batch, key_fields)
+
+    # -- records -------------------------------------------------------------------------------
+    def get(self, vendor: str, obj: str, id_: str) -> Rec | None:
+        with self.lock:
+            row = self.con.execute(
+                f"SELECT {_COLS} FROM records WHERE vendor = ? AND object = ? AND id = ?", (vendor, obj, id_)
+            ).fetchone()
+        return _row_rec(row) if row else None
+
+    def get_many(self, vendor: str, obj: str, ids: list[str]) -> dict[str, Rec]:
+        out: dict[str, Rec] = {}
+        with self.lock:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self.con.execute(
+                    f"SELECT {_COLS} FROM records WHERE vendor = ? AND object = ? AND id IN ({marks})",
+                    (vendor, obj, *part),
+                ).fetchall()
+                for row in rows:
+                    rec = _row_rec(row)
+                    out[rec.id] = rec
+        return out
+
+    def by_rids(self, rids: list[int]) -> list[Rec]:
+        """Records by rowid, in the order given (for query cursors)."""
+        found: dict[int, Rec] = {}
+        with self.lock:
+            for i in range(0, len(rids), 500):
+                part = rids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                for row in self.con.execute(f"SELECT {_COLS} FROM records WHERE rid IN ({marks})", part):
+                    found[row[0]] = _row_rec(row)
+        return [found[r] for r in rids if r in found]
+
+    def lookup(self, vendor: str, obj: str, field_name: str, values: Iterable[str]) -> dict[str, list[str]]:
+        """Key value (lower-cased) → ids holding it."""
+        vals = sorted({str(v).lower() for v in values})
+        out: dict[str, list[str]] = {}
+        with self.lock:
+            for i in range(0, len(vals), 500):
+                part = vals[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self.con.execute(
+                    f"SELECT value, id FROM keys WHERE vendor = ? AND object = ? AND field = ? AND value IN ({marks})",
+                    (vendor, obj, field_name.lower(), *part),
+                ).fetchall()
+                for value, id_ in rows:
+                    out.setdefault(value, []).append(id_)
+        return out
+
+    def select_rids(
+        self, vendor: str, obj: str, where: str = "", params: tuple[Any, ...] = (), order: str = "rid", limit: int = -1
+    ) -> list[int]:
+        sql = f"SELECT rid FROM records WHERE vendor = ? AND object = ? {where} ORDER BY {order} LIMIT ?"
+        with self.lock:
+            return [r[0] for r in self.con.execute(sql, (vendor, obj, *params, limit)).fetchall()]
+
+    def select(
+        self,
+        vendor: str,
+        obj: str,
+        where: str = "",
+        params: tuple[Any, ...] = (),
+        order: str = "rid",
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Rec]:
+        sql = f"SELECT {_COLS} FROM records WHERE vendor = ? AND object = ? {where} ORDER BY {order} LIMIT ? OFFSET ?"
+        with self.lock:
+            rows = self.con.execute(sql, (vendor, obj, *params, limit, offset)).fetchall()
+        return [_row_rec(r) for r in rows]
+
+    def count(self, vendor: str, obj: str, where: str = "", params: tuple[Any, ...] = ()) -> int:
+        sql = f"SELECT count(*) FROM records WHERE vendor = ? AND object = ? {where}"
+        with self.lock:
+            return int(self.con.execute(sql, (vendor, obj, *params)).fetchone()[0])
+
+    def scan(self, vendor: str, obj: str, include_deleted: bool = False, chunk: int = 5000) -> Iterator[list[Rec]]:
+        last = 0
+        extra = "" if include_deleted else "AND deleted = 0"
+        while True:
+            recs = self.select(vendor, obj, f"AND rid > ? {extra}", (last,), "rid", chunk)
+            if not recs:
+                return
+            yield recs
+            last = recs[-1].rid or 0
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def job_get(self, job_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.con.execute("SELECT info FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def job_put(self, info: dict[str, Any], **blobs: bytes | None) -> None:
+        with self.lock:
+            self.con.execute(
+                "INSERT INTO jobs(id, info) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET info = excluded.info",
+                (info["id"], json.dumps(info)),
+            )
+            for name, blob in blobs.items():
+                if name not in ("upload", "success", "failed", "unprocessed"):
+                    raise ValueError(name)
+                self.con.execute(f"UPDATE jobs SET {name} = ? WHERE id = ?", (blob, info["id"]))
+
+    def job_blob(self, job_id: str, name: str) -> bytes | None:
+        if name not in ("upload", "success", "failed", "unprocessed"):
+            raise ValueError(name)
+        with self.lock:
+            row = self.con.execute(f"SELECT {name} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def job_list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(r[0]) for r in self.con.execute("SELECT info FROM jobs ORDER BY rowid")]
+
+    def job_delete(self, job_id: str) -> None:
+        with self.lock:
+            self.con.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    # -- reset ---------------------------------------------------------------------------------
+    def wipe(self) -> None:
+        with self.lock:
+            for table in ("records", "keys", "fields", "kv", "jobs"):
+                self.con.execute(f"DELETE FROM {table}")
+            self._fields = None
+            self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+class _Tx:
+    """``with store.tx() as tx:`` — one SQLite transaction under the store lock."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.con = store.con
+
+    def __enter__(self) -> _Tx:
+        self.store.lock.acquire()
+        self.con.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store.lock.release()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.con.execute(sql, params)
+
+    def write(self, vendor: str, obj: str, recs: list[Rec], key_fields: list[str]) -> None:
+        """Insert or replace records (by vendor/object/id) and refresh their key index rows."""
+        if not recs:
+            return
+        self.con.executemany(
+            "INSERT INTO records(vendor, object, id, created, modstamp, deleted, data) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(vendor, object, id) DO UPDATE SET modstamp = excluded.modstamp, "
+            "deleted = excluded.deleted, data = excluded.data",
+            [
+                (vendor, obj, r.id, r.created, r.modstamp, int(r.deleted), json.dumps(r.data, separators=(",", ":")))
+                for r in recs
+            ],
+        )
+        if key_fields:
+            wanted = self._key_rows(vendor, obj, recs, key_fields)
+            have: dict[str, set[tuple[str, str]]] = {}
+            ids = [r.id for r in recs]
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                sql = f"SELECT id, field, value FROM keys WHERE vendor = ? AND object = ? AND id IN ({marks})"
+                for id_, f, v in self.con.execute(sql, (vendor, obj, *part)):
+                    have.setdefault(id_, set()).add((f, v))
+            changed = [r.id for r in recs if have.get(r.id, set()) != wanted.get(r.id, set())]
+            if changed:
+                self.con.executemany(
+                    "DELETE FROM keys WHERE vendor = ? AND object = ? AND id = ?", [(vendor, obj, i) for i in changed]
+                )
+                rows = [(vendor, obj, f, v, i) for i in changed for f, v in wanted.get(i, set())]
+                self.con.executemany(
+                    "INSERT OR IGNORE INTO keys(vendor, object, field, value, id) VALUES (?, ?, ?, ?, ?)", rows
+                )
+
+    @staticmethod
+    def _key_rows(vendor: str, obj: str, recs: list[Rec], key_fields: list[str]) -> dict[str, set[tuple[str, str]]]:
+        names = [(f, f.lower()) for f in key_fields]  # record data is keyed by canonical field names
+        out: dict[str, set[tuple[str, str]]] = {}
+        for r in recs:
+            keys = {(low, str(r.data[f]).lower()) for f, low in names if r.data.get(f) not in (None, "")}
+            if keys:
+                out[r.id] = keys
+        return out
+
+    def index(self, vendor: str, obj: str, recs: list[Rec], key_fields: list[str]) -> None:
+        rows = []
+        names = [(f, f.lower()) for f in key_fields]  # record data is keyed by canonical field names
+        for r in recs:
+            data = r.data
+            for f, low in names:
+                value = data.get(f)
+                if value is not None and value != "":
+                    rows.append((vendor, obj, low, str(value).lower(), r.id))
+        self.con.executemany(
+            "INSERT OR IGNORE INTO keys(vendor, object, field, value, id) VALUES (?, ?, ?, ?, ?)", rows
+        )
+
+    def delete_hard(self, vendor: str, obj: str, ids: list[str]) -> None:
+        self.con.executemany(
+            "DELETE FROM records WHERE vendor = ? AND object = ? AND id = ?", [(vendor, obj, i) for i in ids]
+        )
+        self.con.executemany(
+            "DELETE FROM keys WHERE vendor = ? AND object = ? AND id = ?", [(vendor, obj, i) for i in ids]
+        )

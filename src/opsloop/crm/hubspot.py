@@ -1,0 +1,225 @@
+"""HubSpot sink: batch upsert by a unique id property in chunks of 100.
+
+Custom properties are created when missing (``number`` for scores, ``enumeration``/``select`` for
+known value sets such as next best action, ``datetime``, ``string``); an enumeration that lacks a
+value being pushed gets the option added first. The unique id property is created with
+``hasUniqueValue``. A 207 answer's ``errors[]`` become per-record failures; a 400 for the whole
+batch is terminal with HubSpot's message. HubSpot answers ``None`` for an unexpected 2xx — that is
+treated as an error, never as success.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from opsloop.crm.base import FieldSpec, PushRecord, RecordResult, SchemaCheck, SinkBase, chunked
+from opsloop.crm.clients import classify_hubspot, hubspot_timeout
+from opsloop.crm.retry import RetryPolicy, call_with_retry
+from opsloop.errors import TerminalError
+
+T = TypeVar("T")
+BATCH_SIZE = 100
+_TYPES: dict[str, tuple[str, str]] = {
+    "number": ("number", "number"),
+    "enumeration": ("enumeration", "select"),
+    "datetime": ("datetime", "date"),
+    "bool": ("bool", "booleancheckbox"),
+    "string": ("string", "text"),
+}
+
+
+def _value(value: Any) -> Any:
+    if value is None:
+        return ""  # HubSpot: an empty string clears the property
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ").strip().capitalize()
+
+
+class HubSpotSink(SinkBase):
+    vendor = "HubSpot"
+
+    def __init__(
+        self,
+        client: Any,
+        block: str,
+        obj: str,
+        id_property: str,
+        *,
+        policy: RetryPolicy | None = None,
+        group_name: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(block, obj, id_property, policy)
+        self.batch_api = client.crm.objects.batch_api  # built once: every access builds a new ApiClient
+        self.properties_api = client.crm.properties.core_api
+        self.timeout = hubspot_timeout(client)
+        self.group_name = group_name or {
+            "contacts": "contactinformation",
+            "companies": "companyinformation",
+            "deals": "dealinformation",
+        }.get(obj, "contactinformation")
+        self.sleep = sleep
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], tuple[Any, int, Any]], what: str) -> Any:
+        """Call a ``*_with_http_info`` method; note the daily-limit headers; return the data."""
+        self.reserve(1)
+        data, status, headers = call_with_retry(
+            fn,
+            classify_hubspot,
+            what=what,
+            block=self.block,
+            vendor=self.vendor,
+            policy=self.policy,
+            stats=self.stats,
+            sleep=self.sleep,
+        )
+        daily, left = headers.get("X-HubSpot-RateLimit-Daily"), headers.get("X-HubSpot-RateLimit-Daily-Remaining")
+        if daily is not None and left is not None:
+            self.budget.limit, self.budget.used = int(daily), int(daily) - int(left)
+        if data is None and status != 204:
+            raise TerminalError(f"{self.block}: HubSpot {what} answered HTTP {status} with no usable body")
+        return data
+
+    def _raw(self, method: Callable[..., Any], *args: Any) -> tuple[Any, int, Any]:
+        """Call without the client's model deserialisation (it parses every timestamp with dateutil,
+        most of a batch call's client CPU): the raw urllib3 response, JSON-decoded here. Only 200
+        and 207 count as success — for any other 2xx the client itself would return None."""
+        resp = method(*args, _request_timeout=self.timeout, _preload_content=False)
+        try:
+            raw = resp.data
+            status, headers = int(resp.status), resp.headers
+        finally:
+            resp.release_conn()
+        if status not in (200, 207):
+            return None, status, headers
+        return json.loads(raw), status, headers
+
+    # -- schema --------------------------------------------------------------------------------
+    def ensure_schema(self, fields: list[FieldSpec], values: dict[str, set[str]], create: bool) -> SchemaCheck:
+        obj = self.object
+        listing = self._call(
+            lambda: self.properties_api.get_all_with_http_info(obj, _request_timeout=self.timeout),
+            f"read {obj} properties",
+        )
+        have = {p.name: p for p in listing.results}
+        check = SchemaCheck()
+        idp = have.get(self.external_id_field)
+        if idp is None:
+            check.missing.append(self.external_id_field)
+            if create:
+                self._create(self.external_id_field, "string", (), unique=True)
+                check.created.append(self.external_id_field)
+        elif not (idp.has_unique_value or self.external_id_field == "email"):
+            raise TerminalError(
+                f"{self.block}: HubSpot {obj} property {self.external_id_field!r} exists but is not "
+                "unique (hasUniqueValue=false), so it cannot be the upsert idProperty"
+            )
+        for f in fields:
+            wanted = sorted(set(f.options) | values.get(f.column, set())) if f.kind == "enumeration" else []
+            prop = have.get(f.crm_name)
+            if prop is None:
+                check.missing.append(f.crm_name)
+                if create:
+                    self._create(f.crm_name, f.kind, tuple(wanted))
+                    check.created.append(f.crm_name)
+                continue
+            if prop.type == "enumeration":
+                known = [o.value for o in (prop.options or [])]
+                extra = [v for v in wanted if v not in known]
+                if extra:
+                    check.instructions.append(f"{f.crm_name}: add options {extra}")
+                    if create:
+                        self._add_options(f.crm_name, prop.options or [], extra)
+                        check.updated.append(f.crm_name)
+        return check
+
+    def _create(self, name: str, kind: str, options: tuple[str, ...], unique: bool = False) -> None:
+        from hubspot.crm.properties import OptionInput, PropertyCreate
+
+        type_, field_type = _TYPES[kind]
+        body = PropertyCreate(
+            name=name,
+            label=_label(name),
+            type=type_,
+            field_type=field_type,
+            group_name=self.group_name,
+            has_unique_value=unique or None,
+            description="Written by opsloop (reverse ETL).",
+            options=[OptionInput(label=o, value=o, display_order=i, hidden=False) for i, o in enumerate(options)]
+            or None,
+        )
+        try:
+            self._call(
+                lambda: self.properties_api.create_with_http_info(self.object, body, _request_timeout=self.timeout),
+                f"create property {self.object}.{name}",
+            )
+        except TerminalError as exc:
+            if "HTTP 409" not in str(exc):  # created concurrently (or by a retried request): fine
+                raise
+
+    def _add_options(self, name: str, current: list[Any], extra: list[str]) -> None:
+        from hubspot.crm.properties import OptionInput, PropertyUpdate
+
+        opts = [
+            OptionInput(label=o.label, value=o.value, display_order=o.display_order, hidden=bool(o.hidden))
+            for o in current
+        ]
+        opts += [OptionInput(label=v, value=v, display_order=len(opts) + i, hidden=False) for i, v in enumerate(extra)]
+        self._call(
+            lambda: self.properties_api.update_with_http_info(
+                self.object, name, PropertyUpdate(options=opts), _request_timeout=self.timeout
+            ),
+            f"add options to {self.object}.{name}",
+        )
+
+    # -- push ----------------------------------------------------------------------------------
+    def plan_calls(self, n: int) -> int:
+        return math.ceil(max(n, 0) / BATCH_SIZE)
+
+    def push(self, records: Iterable[PushRecord], total: int) -> Iterator[list[RecordResult]]:
+        for chunk in chunked(records, BATCH_SIZE):
+            yield self._upsert(chunk)
+
+    def _upsert(self, chunk: list[PushRecord]) -> list[RecordResult]:
+        idp = self.external_id_field
+        body = {
+            "inputs": [
+                {"idProperty": idp, "id": r.external_id, "properties": {k: _value(v) for k, v in r.payload.items()}}
+                for r in chunk
+            ]
+        }
+        data = self._call(
+            lambda: self._raw(self.batch_api.upsert, self.object, body),
+            f"batch upsert {self.object} ({len(chunk)} records)",
+        )
+        by_key = {r.external_id.lower(): r for r in chunk}
+        done: dict[str, RecordResult] = {}
+        for item in data.get("results") or []:
+            key = str((item.get("properties") or {}).get(idp) or "").lower()
+            rec = by_key.get(key)
+            if rec is not None:
+                status = "created" if item.get("new") else "updated"
+                done[key] = RecordResult(rec, status, str(item.get("id")), api="batch")
+        for err in data.get("errors") or []:
+            ids = (err.get("context") or {}).get("ids") or []
+            code = str(err.get("subCategory") or err.get("category") or "ERROR")
+            targets = [str(i).lower() for i in ids] or [k for k in by_key if k not in done]
+            for key in targets:
+                if key in by_key and key not in done:
+                    msg = str(err.get("message"))[:1000]
+                    done[key] = RecordResult(by_key[key], "failed", None, code, msg, "batch")
+        return [
+            done.get(r.external_id.lower())
+            or RecordResult(r, "failed", None, "MISSING_RESULT", "HubSpot returned no result for this input", "batch")
+            for r in chunk
+        ]

@@ -1,0 +1,317 @@
+"""Push one reverse-ETL destination: gate → diff → schema → budget → push → log/state → summary.
+
+:func:`push_destination` is the whole stage for one destination and returns a small report dict
+(counts, API calls used and left, failures by error code). Guards:
+
+* **gate** — :func:`opsloop.crm.gates.push_allowed` for ``sync.blockOn``; blocked → nothing sent;
+* **dry run** — the diff, the schema check (nothing created) and one probe call for the budget:
+  would-create / would-update counts, sample payloads, calls it would spend vs. calls left;
+* **API budget** — at most ``sync.apiBudgetShare`` × the daily limit per day (minus what opsloop
+  already spent today, from ``_sync_runs``); the sink stops *before* a call that would exceed it
+  and the rest waits for the next run (``deferred``). A CRM-side "daily limit reached" stops the
+  same way.
+* results are flushed every ``flush_rows`` records and on any exit (error included), so confirmed
+  records are never re-sent after a failure, except those between the last flush and a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opsloop import faults
+from opsloop.crm.base import BudgetCapReached, CrmSink, FieldSpec, PushRecord, RecordResult
+from opsloop.crm.diff import DiffOptions, ReviewSource, build_candidates
+from opsloop.crm.gates import push_allowed
+from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy
+from opsloop.crm.synclog import SyncTables, held_open
+from opsloop.errors import TerminalError
+from opsloop.spec import PipelineSpec
+from opsloop.spec.destinations import DestinationSpec
+from opsloop.warehouse.base import TableRef, TableSchema, Warehouse
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    run_id: str
+    dry_run: bool = False
+    limit: int | None = None
+    retry_failed_only: bool = False
+    flush_rows: int = 10_000
+
+
+def field_specs(dest: DestinationSpec, predictions: TableSchema, spec: PipelineSpec) -> list[FieldSpec]:
+    """What kind of CRM field each mapped prediction column needs (number / enumeration / …)."""
+    known = {
+        "next_best_action": tuple(a.action for a in spec.scoring.next_best_action),
+        "risk_bucket": tuple(spec.scoring.risk_buckets),
+    }
+    out: list[FieldSpec] = []
+    for col, crm in dest.field_map.items():
+        c = predictions.column(col)
+        if c is None:
+            raise TerminalError(
+                f"{dest.name}: fieldMap column {col!r} is not in the predictions table (columns: {predictions.names})"
+            )
+        if c.type in ("FLOAT64", "INT64", "NUMERIC"):
+            out.append(FieldSpec(col, crm, "number"))
+        elif c.type in ("TIMESTAMP", "DATE"):
+            out.append(FieldSpec(col, crm, "datetime"))
+        elif c.type == "BOOL":
+            out.append(FieldSpec(col, crm, "bool"))
+        elif col in known:
+            out.append(FieldSpec(col, crm, "enumeration", known[col]))
+        else:
+            out.append(FieldSpec(col, crm, "string"))
+    return out
+
+
+def diff_options(wh: Warehouse, spec: PipelineSpec, dest: DestinationSpec, run: RunOptions) -> DiffOptions:
+    pred = TableRef(spec.scoring.dataset, spec.scoring.table)
+    schema = wh.table_schema(pred)
+    if schema is None:
+        raise TerminalError(f"{dest.name}: predictions table {pred} does not exist — run scoring first")
+    key = dest.entity_key or "customer_id"
+    fields = field_specs(dest, schema, spec)
+    review = None
+    if spec.sync.require_review:
+        ref = TableRef(spec.scoring.dataset, spec.scoring.review_table)
+        rs = wh.table_schema(ref)
+        if rs is None:
+            raise TerminalError(f"{dest.name}: sync.requireReview is on but the review table {ref} does not exist")
+        review = ReviewSource(ref, key, by_run=rs.column("run_id") is not None and schema.column("run_id") is not None)
+    sig = spec.sync.significance
+    return DiffOptions(
+        pipeline=spec.name,
+        destination=dest.name,
+        predictions=pred,
+        entity_key=key,
+        fields=fields,
+        bucket_column="risk_bucket" if schema.column("risk_bucket") is not None else None,
+        score_columns=tuple(f.column for f in fields if schema.column(f.column).type == "FLOAT64"),  # type: ignore[union-attr]
+        min_delta=sig.min_delta,
+        on_bucket_change=sig.on_bucket_change,
+        retry_cap=spec.sync.retry_cap,
+        retry_failed_only=run.retry_failed_only,
+        limit=run.limit,
+        review=review,
+    )
+
+
+def make_sink(
+    dest: DestinationSpec, client: Any, block: str, spec: PipelineSpec, policy: RetryPolicy | None = None
+) -> CrmSink:
+    if dest.crm == "salesforce":
+        from opsloop.crm.salesforce import SalesforceSink
+
+        return SalesforceSink(
+            client,
+            block,
+            str(dest.object),
+            str(dest.external_id_field),
+            bulk_threshold=spec.sync.bulk_threshold,
+            policy=policy,
+        )
+    from opsloop.crm.hubspot import HubSpotSink
+
+    return HubSpotSink(client, block, str(dest.object), str(dest.external_id_field), policy=policy)
+
+
+def push_destination(
+    wh: Warehouse, sink: CrmSink, opts: DiffOptions, spec: PipelineSpec, run: RunOptions
+) -> dict[str, Any]:
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    tables = SyncTables(wh, opts.pipeline, opts.destination)
+    report: dict[str, Any] = {
+        "destination": opts.destination,
+        "vendor": sink.vendor,
+        "object": sink.object,
+        "run_id": run.run_id,
+        "dry_run": run.dry_run,
+        "status": "completed",
+        "note": "",
+        "candidates": 0,
+        "created": 0,
+        "updated": 0,
+        "failed": 0,
+        "rejected": 0,
+        "held": 0,
+        "deferred": 0,
+        "failed_by_code": {},
+        "api_calls": 0,
+    }
+    with held_open(wh):
+        tables.ensure()
+        verdict = push_allowed(wh, opts.pipeline, spec.sync.block_on)
+        spent_today = tables.calls_today()
+    if not verdict.allowed:
+        report.update(status="blocked", note=verdict.reason)
+        return _finish(tables, sink, report, started, clock)
+    try:
+        with tempfile.TemporaryDirectory(prefix="opsloop-sync-") as tmp:
+            _diff_and_push(wh, sink, opts, spec, run, tables, report, spent_today, Path(tmp))
+    except CrmBudgetExhausted as exc:  # the daily limit was already spent when we probed
+        report.update(status="budget_exhausted", note=str(exc))
+    except BaseException as exc:
+        if report["status"] != "failed":
+            report.update(status="failed", note=str(exc)[:500])
+        with contextlib.suppress(Exception):
+            _finish(tables, sink, report, started, clock)
+        raise
+    return _finish(tables, sink, report, started, clock)
+
+
+def _diff_and_push(
+    wh: Warehouse,
+    sink: CrmSink,
+    opts: DiffOptions,
+    spec: PipelineSpec,
+    run: RunOptions,
+    tables: SyncTables,
+    report: dict[str, Any],
+    spent_today: int,
+    tmp: Path,
+) -> None:
+    with held_open(wh):
+        diff = build_candidates(wh, opts, tables, tmp)
+    stats = diff.stats
+    report.update(
+        candidates=stats["candidates"], staged=diff.staged, diff=stats, held=stats["held"], samples=diff.samples
+    )
+    check = sink.ensure_schema(opts.fields, diff.values, create=not run.dry_run)
+    report["schema"] = {
+        "missing": check.missing,
+        "created": check.created,
+        "updated": check.updated,
+        "instructions": check.instructions,
+    }
+    planned = sink.plan_calls(diff.staged)
+    allowance = _allowance(sink, spent_today, spec.sync.api_budget_share)
+    report.update(planned_calls=planned, allowance=allowance)
+    if run.dry_run:
+        report.update(
+            status="dry_run",
+            would_create=stats["new"],
+            would_update=stats["changed"],
+            would_hold=stats["held"],
+            fits_budget=allowance is None or planned <= allowance,
+            note="new = never confirmed by this CRM destination (it may still exist there)",
+        )
+        return
+    _log_review(tables, run.run_id, diff.held, "held")
+    _log_review(tables, run.run_id, diff.rejected_by_review, "review_rejected")
+    sink.call_budget = None if allowance is None else sink.stats.calls + allowance
+    _push(sink, tables, diff.records(), diff.staged, spec, run, report)
+
+
+def _allowance(sink: CrmSink, spent_today: int, share: float) -> int | None:
+    """Calls this run may still make: share × daily limit − opsloop's calls today, ≤ calls left."""
+    limit, left = sink.budget.limit, sink.budget.left
+    if limit is None:
+        return None
+    allowed = math.floor(share * limit) - spent_today - sink.stats.calls
+    if left is not None:
+        allowed = min(allowed, left)
+    return max(0, allowed)
+
+
+def _push(
+    sink: CrmSink,
+    tables: SyncTables,
+    records: Any,
+    total: int,
+    spec: PipelineSpec,
+    run: RunOptions,
+    report: dict[str, Any],
+) -> None:
+    buffer: list[RecordResult] = []
+    attempted = 0
+    flushes = 0
+
+    def flush() -> None:
+        nonlocal buffer, flushes
+        if not buffer:
+            return
+        flushes += 1
+        counts = tables.flush(buffer, run.run_id, spec.sync.retry_cap, f"{run.run_id}_{flushes}")
+        for k, v in counts.items():
+            report[k] = report.get(k, 0) + v
+        for r in buffer:
+            if not r.ok:
+                code = r.error_code or "UNKNOWN"
+                report["failed_by_code"][code] = report["failed_by_code"].get(code, 0) + 1
+        buffer = []
+
+    try:
+        for results in sink.push(records, total):
+            buffer.extend(results)
+            attempted += len(results)
+            faults.checkpoint("mid_crm_push")
+            if len(buffer) >= run.flush_rows:
+                flush()
+    except BudgetCapReached as exc:
+        report.update(status="budget_stopped", note=str(exc))
+    except CrmBudgetExhausted as exc:
+        report.update(status="budget_exhausted", note=str(exc))
+    except BaseException as exc:
+        report.update(status="failed", note=str(exc)[:500])
+        raise
+    finally:
+        flush()
+        report["deferred"] = total - attempted
+        report["pushed"] = report.get("created", 0) + report.get("updated", 0)
+
+
+def _log_review(tables: SyncTables, run_id: str, recs: list[PushRecord], status: str) -> None:
+    now = datetime.now(UTC)
+    tables.log_rows(
+        [
+            {
+                "run_id": run_id,
+                "pipeline": tables.pipeline,
+                "destination": tables.destination,
+                "entity": r.entity,
+                "external_id": r.external_id,
+                "payload_hash": r.payload_hash,
+                "status": status,
+                "error_code": None,
+                "error_message": None,
+                "attempt": r.attempt,
+                "api": "review",
+                "crm_id": None,
+                "at": now,
+            }
+            for r in recs
+        ]
+    )
+
+
+def _finish(
+    tables: SyncTables, sink: CrmSink, report: dict[str, Any], started: datetime, clock: float
+) -> dict[str, Any]:
+    report.setdefault("pushed", report.get("created", 0) + report.get("updated", 0))
+    report.update(
+        api_calls=sink.stats.calls,
+        api_retries=sink.stats.retries,
+        api_used=sink.budget.used,
+        api_limit=sink.budget.limit,
+        api_left=sink.budget.left,
+        seconds=round(time.perf_counter() - clock, 3),
+    )
+    tables.record_run(
+        {
+            **report,
+            "pipeline": tables.pipeline,
+            "started_at": started,
+            "finished_at": datetime.now(UTC),
+            "note": report.get("note", "")[:1000],
+        }
+    )
+    return report

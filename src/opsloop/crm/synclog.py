@@ -1,0 +1,272 @@
+"""The push's warehouse tables (all in the meta dataset) and how results are written.
+
+* ``_sync_state`` — per pipeline + destination + entity: hash and values of the last payload the
+  CRM **confirmed**, the bucket (for the significance rule), CRM id, run and time. Advanced only
+  for confirmed records.
+* ``_sync_log`` — one row per attempted record (or held by review), kept forever: run id,
+  destination, entity, external id, payload hash, status (created | updated | failed | rejected |
+  held | review_rejected), vendor error code / message, attempt, api, CRM id, time.
+* ``_sync_retry`` — records whose last attempt failed: attempts so far and the payload hash; a
+  success deletes the row; at ``sync.retryCap`` attempts the record is logged ``rejected`` and
+  skipped until its payload changes.
+* ``_sync_runs`` — one summary row per run and destination (calls used, calls left…); today's
+  calls feed the ``sync.apiBudgetShare`` cap.
+
+Order per flush: log (append) → ``after_push_before_sync_state`` → state MERGE → retry MERGE. A
+crash after the log and before the state re-pushes those records next run (idempotent upserts by
+external id), so the state never claims more than the CRM holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from opsloop import faults
+from opsloop.crm.base import RecordResult
+from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse
+
+STATE, LOG, RETRY, RUNS = "_sync_state", "_sync_log", "_sync_retry", "_sync_runs"
+TS = pa.timestamp("us", tz="UTC")
+
+STATE_ARROW = pa.schema(
+    [
+        ("pipeline", pa.string()),
+        ("destination", pa.string()),
+        ("entity", pa.string()),
+        ("external_id", pa.string()),
+        ("payload_hash", pa.string()),
+        ("payload", pa.string()),
+        ("bucket", pa.string()),
+        ("crm_id", pa.string()),
+        ("run_id", pa.string()),
+        ("pushed_at", TS),
+    ]
+)
+LOG_ARROW = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("pipeline", pa.string()),
+        ("destination", pa.string()),
+        ("entity", pa.string()),
+        ("external_id", pa.string()),
+        ("payload_hash", pa.string()),
+        ("status", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+        ("attempt", pa.int64()),
+        ("api", pa.string()),
+        ("crm_id", pa.string()),
+        ("at", TS),
+    ]
+)
+RETRY_ARROW = pa.schema(
+    [
+        ("pipeline", pa.string()),
+        ("destination", pa.string()),
+        ("entity", pa.string()),
+        ("payload_hash", pa.string()),
+        ("attempts", pa.int64()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+        ("run_id", pa.string()),
+        ("updated_at", TS),
+        ("_delete", pa.bool_()),
+    ]
+)
+RUNS_ARROW = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("pipeline", pa.string()),
+        ("destination", pa.string()),
+        ("dry_run", pa.bool_()),
+        ("status", pa.string()),
+        ("candidates", pa.int64()),
+        ("pushed", pa.int64()),
+        ("created", pa.int64()),
+        ("updated", pa.int64()),
+        ("failed", pa.int64()),
+        ("rejected", pa.int64()),
+        ("held", pa.int64()),
+        ("deferred", pa.int64()),
+        ("api_calls", pa.int64()),
+        ("api_used", pa.int64()),
+        ("api_limit", pa.int64()),
+        ("api_left", pa.int64()),
+        ("note", pa.string()),
+        ("started_at", TS),
+        ("finished_at", TS),
+    ]
+)
+KEYS = ("pipeline", "destination", "entity")
+
+
+@contextlib.contextmanager
+def held_open(wh: Warehouse) -> Iterator[None]:
+    """DuckDB only: keep one connection open over a burst of warehouse operations, so each does not
+    reopen (and checkpoint) the file — about 20× cheaper per operation. Used around the diff and
+    each flush, never while waiting on the CRM, so other processes still get their turn."""
+    connect = getattr(wh, "connect", None)
+    if getattr(wh, "dialect", "") != "duckdb" or connect is None or str(getattr(wh, "path", "")) == ":memory:":
+        yield
+        return
+    with connect():
+        yield
+
+
+def schema_of(
+    arrow: pa.Schema, drop: Sequence[str] = (), partition_by: str | None = None, cluster_by: Sequence[str] = ()
+) -> TableSchema:
+    fields = [f for f in arrow if f.name not in drop]
+    return TableSchema.from_arrow(pa.schema(fields), partition_by=partition_by, cluster_by=cluster_by)
+
+
+class SyncTables:
+    """The four tables for one warehouse; ``slug`` names this destination's staging tables."""
+
+    def __init__(self, wh: Warehouse, pipeline: str, destination: str) -> None:
+        self.wh = wh
+        self.pipeline = pipeline
+        self.destination = destination
+        meta = wh.meta_dataset
+        self.state, self.log, self.retry, self.runs = (TableRef(meta, t) for t in (STATE, LOG, RETRY, RUNS))
+        slug = re.sub(r"[^a-z0-9]+", "_", destination.lower()).strip("_")
+        self.stg_state = TableRef(meta, f"_stg_sync_state_{slug}")
+        self.stg_retry = TableRef(meta, f"_stg_sync_retry_{slug}")
+
+    def ensure(self) -> None:
+        wh = self.wh
+        wh.ensure_table(self.state, schema_of(STATE_ARROW, cluster_by=("destination", "entity")))
+        wh.ensure_table(self.log, schema_of(LOG_ARROW, partition_by="at", cluster_by=("destination", "entity")))
+        wh.ensure_table(self.retry, schema_of(RETRY_ARROW, drop=("_delete",)))
+        wh.ensure_table(self.runs, schema_of(RUNS_ARROW))
+
+    # -- writing results -----------------------------------------------------------------------
+    def log_rows(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.wh.append(self.log, pa.Table.from_pylist(rows, schema=LOG_ARROW))
+
+    def flush(self, results: list[RecordResult], run_id: str, retry_cap: int, job_key: str) -> dict[str, int]:
+        """Write one batch of results: log → (fault point) → state → retry. Returns status counts.
+
+        Built column by column (no per-row dicts): a flush of 100k results costs well under a second."""
+        now = datetime.now(UTC)
+        counts: dict[str, int] = {}
+        statuses = []
+        for r in results:
+            status = r.status
+            if status == "failed" and r.record.attempt >= retry_cap:
+                status = "rejected"
+            counts[status] = counts.get(status, 0) + 1
+            statuses.append(status)
+        recs = [r.record for r in results]
+        n = len(results)
+        log = {
+            "run_id": [run_id] * n,
+            "pipeline": [self.pipeline] * n,
+            "destination": [self.destination] * n,
+            "entity": [x.entity for x in recs],
+            "external_id": [x.external_id for x in recs],
+            "payload_hash": [x.payload_hash for x in recs],
+            "status": statuses,
+            "error_code": [r.error_code for r in results],
+            "error_message": [r.error_message for r in results],
+            "attempt": [x.attempt for x in recs],
+            "api": [r.api for r in results],
+            "crm_id": [r.crm_id for r in results],
+            "at": [now] * n,
+        }
+        ok = [r for r in results if r.ok]
+        m = len(ok)
+        state = {
+            "pipeline": [self.pipeline] * m,
+            "destination": [self.destination] * m,
+            "entity": [r.record.entity for r in ok],
+            "external_id": [r.record.external_id for r in ok],
+            "payload_hash": [r.record.payload_hash for r in ok],
+            "payload": [r.record.payload_json or _payload_json(r.record.payload) for r in ok],
+            "bucket": [r.record.bucket for r in ok],
+            "crm_id": [r.crm_id for r in ok],
+            "run_id": [run_id] * m,
+            "pushed_at": [now] * m,
+        }
+        # failed records upsert their attempt count; confirmed ones delete a pending retry row
+        retry_rows = [r for r in results if not r.ok or r.record.pending_retry]
+        k = len(retry_rows)
+        retry = {
+            "pipeline": [self.pipeline] * k,
+            "destination": [self.destination] * k,
+            "entity": [r.record.entity for r in retry_rows],
+            "payload_hash": [r.record.payload_hash for r in retry_rows],
+            "attempts": [0 if r.ok else r.record.attempt for r in retry_rows],
+            "error_code": [None if r.ok else r.error_code for r in retry_rows],
+            "error_message": [None if r.ok else r.error_message for r in retry_rows],
+            "run_id": [run_id] * k,
+            "updated_at": [now] * k,
+            "_delete": [r.ok for r in retry_rows],
+        }
+        with held_open(self.wh):
+            if n:
+                self.wh.append(self.log, pa.table(log, schema=LOG_ARROW))
+            faults.checkpoint("after_push_before_sync_state")
+            if m:
+                self._merge(
+                    self.state,
+                    self.stg_state,
+                    pa.table(state, schema=STATE_ARROW),
+                    f"{job_key}_state",
+                    order_by=("pushed_at",),
+                )
+            if k:
+                self._merge(
+                    self.retry,
+                    self.stg_retry,
+                    pa.table(retry, schema=RETRY_ARROW),
+                    f"{job_key}_retry",
+                    delete_flag="_delete",
+                )
+        return counts
+
+    def _merge(
+        self,
+        target: TableRef,
+        stg: TableRef,
+        table: pa.Table,
+        job_key: str,
+        order_by: tuple[str, ...] = (),
+        delete_flag: str | None = None,
+    ) -> None:
+        self.wh.load_staging(stg, table, table.schema, job_key=job_key)
+        columns = tuple(n for n in table.schema.names if n != delete_flag)
+        self.wh.merge(
+            MergeSpec(target, columns, KEYS, order_by=order_by, delete_flag=delete_flag), stg, job_key=job_key
+        )
+        self.wh.drop_table(stg)
+
+    def record_run(self, row: dict[str, Any]) -> None:
+        full = {name: row.get(name) for name in RUNS_ARROW.names}
+        with held_open(self.wh):
+            self.wh.append(self.runs, pa.Table.from_pylist([full], schema=RUNS_ARROW))
+
+    # -- reading -------------------------------------------------------------------------------
+    def calls_today(self) -> int:
+        """API calls opsloop spent on this destination since 00:00 UTC (dry runs included)."""
+        p = self.wh.param
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        rows = self.wh.query(
+            f"SELECT COALESCE(SUM(api_calls), 0) AS n FROM {self.wh.quote(self.runs)} "
+            f"WHERE destination = {p('destination')} AND started_at >= {p('midnight')}",
+            {"destination": self.destination, "midnight": midnight},
+        ).to_pylist()
+        return int(rows[0]["n"] or 0) if rows else 0
+
+
+def _payload_json(payload: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,144 @@
+"""Write helpers of the loader: bounded segments, the empty-target insert path, fill-ins, deletes.
+
+* :class:`Segments` cuts one load into segments of at most ``max_rows`` rows, so neither the staging
+  table nor the MERGE grows with the extract; only the last segment commits the position (a crash
+  in between replays the load, which the MERGE makes idempotent).
+* :func:`insert_segment` is the path for a target that is empty (first load, replace) and rows whose
+  keys are unique by construction (a Postgres primary key): stage → gate → ``INSERT … SELECT`` → then
+  the position. There is nothing to merge against, so a MERGE would only pay for the dedup window and
+  the join; committing the position after the data is safe because a load into an empty target is
+  redone from scratch when the position is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import pyarrow as pa
+
+from opsloop import faults
+from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, UNCHANGED_COL
+from opsloop.warehouse.base import MergeSpec, StateUpdate, TableRef, TableSchema, Warehouse
+from opsloop.warehouse.write import WriteResult, _checked, staging_ref
+
+META = (DELETED_COL, UNCHANGED_COL)
+
+
+class Segments:
+    """Hands out consecutive segments of a batch stream; ``exhausted`` is known once a segment ends."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], max_rows: int) -> None:
+        self._it = iter(batches)
+        self._next: pa.RecordBatch | None = None
+        self.max_rows = max_rows
+        self.exhausted = False
+        self.count = 0
+
+    def segment(self) -> Iterator[pa.RecordBatch]:
+        self.count += 1
+        rows = 0
+        while rows < self.max_rows:
+            batch = self._take()
+            if batch is None:
+                return
+            rows += batch.num_rows
+            yield batch
+        self._peek()
+
+    def _take(self) -> pa.RecordBatch | None:
+        if self._next is not None:
+            batch, self._next = self._next, None
+            return batch
+        batch = next(self._it, None)
+        if batch is None:
+            self.exhausted = True
+        return batch
+
+    def _peek(self) -> None:
+        if self._next is None and not self.exhausted:
+            self._next = next(self._it, None)
+            self.exhausted = self._next is None
+
+
+def insert_segment(
+    wh: Warehouse,
+    target: TableRef,
+    table_schema: TableSchema,
+    arrow_schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch],
+    spec: MergeSpec,
+    job_key: str,
+    state: Callable[[], StateUpdate | None],
+    before_merge: Callable[[WriteResult], None],
+) -> WriteResult:
+    """``write_merge`` for an empty target with unique keys: stage, gate, INSERT, then the position."""
+    result = WriteResult(str(target))
+    wh.ensure_table(target, table_schema)
+    stg = staging_ref(target)
+    load = wh.load_staging(stg, _checked(batches, spec.keys, target), arrow_schema, job_key=f"{job_key}_load")
+    result.jobs.append(load)
+    result.rows_staged = load.rows
+    faults.checkpoint("after_stage_load")
+    update = state()
+    before_merge(result)
+    if load.rows:
+        q = wh.quote
+        cols = ", ".join(q(c) for c in spec.columns)
+        where = f" WHERE NOT COALESCE({q(spec.delete_flag)}, FALSE)" if spec.delete_flag else ""
+        job = wh.execute(f"INSERT INTO {q(target)} ({cols}) SELECT {cols} FROM {q(stg)}{where}", kind="insert")
+        result.jobs.append(job)
+        result.inserted = job.rows
+    faults.checkpoint("after_merge_before_state")
+    if update is not None:
+        result.jobs.append(wh.commit_state(update))
+    wh.drop_table(stg)
+    return result
+
+
+def fill_from_target(
+    wh: Warehouse,
+    target: TableRef,
+    keys: tuple[str, ...],
+    stg: TableRef,
+    staged: pa.Schema,
+    schema: TableSchema,
+    soft: bool,
+) -> None:
+    """Rows that carry only some columns take the rest from the target row they update: soft
+    deletes (the old tuple has only the keys) and unchanged TOASTed values of a CDC update."""
+    q = wh.quote
+    on = " AND ".join(f"s.{q(k)} = t.{q(k)}" for k in keys)
+    values = [c for c in schema.names if c not in keys and c not in (LSN_COL, SEQ_COL, *META)]
+    if not values:
+        return
+    if soft and DELETED_COL in staged.names:
+        # a delete of a row the target never had (born and gone within a batch) is no tombstone
+        wh.execute(
+            f"DELETE FROM {q(stg)} AS s WHERE COALESCE(s.{q(DELETED_COL)}, FALSE) "
+            f"AND NOT EXISTS (SELECT 1 FROM {q(target)} AS t WHERE {on})",
+            kind="fill",
+        )
+        sets = ", ".join(f"{q(c)} = t.{q(c)}" for c in values)
+        wh.execute(
+            f"UPDATE {q(stg)} AS s SET {sets} FROM {q(target)} AS t WHERE COALESCE(s.{q(DELETED_COL)}, FALSE) AND {on}",
+            kind="fill",
+        )
+    if UNCHANGED_COL in staged.names:
+        u = f"s.{q(UNCHANGED_COL)}"
+        sets = ", ".join(f"{q(c)} = CASE WHEN STRPOS({u}, ',{c},') > 0 THEN t.{q(c)} ELSE s.{q(c)} END" for c in values)
+        wh.execute(f"UPDATE {q(stg)} AS s SET {sets} FROM {q(target)} AS t WHERE {u} IS NOT NULL AND {on}", kind="fill")
+
+
+def delete_missing_keys(
+    wh: Warehouse, target: TableRef, keys: tuple[str, ...], keys_table: TableRef, soft: bool
+) -> int:
+    """Delete (or flag ``_deleted``) target rows whose key is not in ``keys_table``; returns the count."""
+    q = wh.quote
+    on = " AND ".join(f"k.{q(c)} = t.{q(c)}" for c in keys)
+    missing = f"NOT EXISTS (SELECT 1 FROM {q(keys_table)} AS k WHERE {on})"
+    if soft:
+        flag = q(DELETED_COL)
+        sql = f"UPDATE {q(target)} AS t SET {flag} = TRUE WHERE NOT COALESCE(t.{flag}, FALSE) AND {missing}"
+    else:
+        sql = f"DELETE FROM {q(target)} AS t WHERE {missing}"
+    return wh.execute(sql, kind="delete").rows

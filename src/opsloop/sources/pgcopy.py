@@ -1,0 +1,241 @@
+"""Postgres tables as Arrow: catalog introspection, type mapping, ``COPY … TO STDOUT`` → Arrow.
+
+The fast path streams ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` through libpq's copy-out
+(one ``get_copy_data`` call per row, no per-value Python), joins rows into blocks of whole rows
+and parses each block with Arrow's multi-threaded CSV reader into typed columns. Memory is one
+block plus one Arrow batch, whatever the table size.
+
+Type mapping (Postgres → Arrow → warehouse logical type): int2/4/8 → int64, float4/8 → float64,
+numeric → decimal128(38, 9), bool → bool, date → date32, timestamp[tz] → timestamp[us, UTC]
+(a ``timestamp`` without zone is read as UTC), everything else (text, varchar, uuid, json, enum,
+arrays …) → string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+from psycopg import pq, sql
+
+from opsloop.errors import TerminalError, TransientError
+
+TS = pa.timestamp("us", tz="UTC")
+NUMERIC = pa.decimal128(38, 9)
+BOOL_OID, DATE_OID, TS_OID, TSTZ_OID, NUMERIC_OID = 16, 1082, 1114, 1184, 1700
+PG_ARROW: dict[int, pa.DataType] = {
+    BOOL_OID: pa.bool_(),
+    20: pa.int64(),
+    21: pa.int64(),
+    23: pa.int64(),
+    26: pa.int64(),
+    700: pa.float64(),
+    701: pa.float64(),
+    NUMERIC_OID: NUMERIC,
+    DATE_OID: pa.date32(),
+    TS_OID: TS,
+    TSTZ_OID: TS,
+}
+SESSION_SETTINGS = (
+    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3"
+)
+
+
+def arrow_type(type_oid: int) -> pa.DataType:
+    return PG_ARROW.get(type_oid, pa.string())
+
+
+@dataclass(frozen=True)
+class PgColumn:
+    name: str
+    type_oid: int
+    typmod: int
+    type_name: str
+
+    @property
+    def arrow(self) -> pa.DataType:
+        return arrow_type(self.type_oid)
+
+    def select_sql(self) -> sql.Composable:
+        """The expression that makes COPY's text parse as :attr:`arrow` (UTC timestamps, scale ≤ 9)."""
+        ident = sql.Identifier(self.name)
+        if self.type_oid == TS_OID:
+            return sql.SQL("{} AT TIME ZONE 'UTC' AS {}").format(ident, ident)
+        if self.type_oid == NUMERIC_OID:
+            scale = (self.typmod - 4) & 0xFFFF if self.typmod >= 4 else -1
+            precision = ((self.typmod - 4) >> 16) & 0xFFFF if self.typmod >= 4 else -1
+            if scale < 0 or scale > 9 or precision - scale > 29:
+                return sql.SQL("{}::numeric(38, 9) AS {}").format(ident, ident)
+        return ident
+
+
+@dataclass(frozen=True)
+class PgTable:
+    schema_name: str
+    name: str
+    oid: int
+    columns: tuple[PgColumn, ...]
+    primary_key: tuple[str, ...]
+    replica_identity: str
+
+    @property
+    def ident(self) -> sql.Composable:
+        return sql.Identifier(self.schema_name, self.name)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_name}.{self.name}"
+
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([pa.field(c.name, c.arrow) for c in self.columns])
+
+    def select_list(self) -> sql.Composable:
+        return sql.SQL(", ").join(c.select_sql() for c in self.columns)
+
+
+_COLUMNS_SQL = """
+SELECT a.attname, COALESCE(NULLIF(t.typbasetype, 0), a.atttypid)::int, a.atttypmod,
+       format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+_PK_SQL = """
+SELECT a.attname FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+WHERE i.indrelid = %(oid)s AND i.indisprimary
+ORDER BY array_position(i.indkey, a.attnum)
+"""
+
+
+def describe_table(conn: psycopg.Connection, name: str, columns: Sequence[str] | None = None) -> PgTable:
+    """Columns, types and primary key of ``name`` (resolved through the search_path)."""
+    row = conn.execute(
+        "SELECT c.oid::int, n.nspname, c.relname, c.relreplident FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+        (sql.Identifier(name).as_string(conn),),
+    ).fetchone()
+    if row is None:
+        db = conn.info.dbname
+        raise TerminalError(f"Postgres table {name!r} not found in database {db!r} (search_path schemas)")
+    oid, nsp, rel, ident = row
+    cols = [PgColumn(*r) for r in conn.execute(_COLUMNS_SQL, {"oid": oid}).fetchall()]
+    if columns:
+        by_name = {c.name: c for c in cols}
+        unknown = [c for c in columns if c not in by_name]
+        if unknown:
+            raise TerminalError(f"Postgres table {nsp}.{rel}: column(s) {unknown} in the spec do not exist")
+        cols = [by_name[c] for c in columns]
+    pk = tuple(r[0] for r in conn.execute(_PK_SQL, {"oid": oid}).fetchall())
+    replident = {"d": "default", "n": "nothing", "f": "full", "i": "index"}.get(str(ident), str(ident))
+    return PgTable(nsp, rel, oid, tuple(cols), pk, replident)
+
+
+def _csv_options(schema: pa.Schema) -> tuple[pcsv.ReadOptions, pcsv.ParseOptions, pcsv.ConvertOptions]:
+    read = pcsv.ReadOptions(column_names=schema.names, block_size=16 << 20, use_threads=True)
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    convert = pcsv.ConvertOptions(
+        column_types=schema,
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        true_values=["t"],
+        false_values=["f"],
+    )
+    return read, parse, convert
+
+
+def _raise_pg(pgconn: pq.abc.PGconn, what: str) -> None:
+    msg = pgconn.get_error_message() or "unknown error"
+    if pgconn.status != pq.ConnStatus.OK:
+        raise TransientError(f"Postgres connection lost during {what}: {msg}")
+    raise TerminalError(f"Postgres {what} failed: {msg}")
+
+
+def copy_to_arrow(
+    conn: psycopg.Connection,
+    query: sql.Composable,
+    schema: pa.Schema,
+    chunk_rows: int = 100_000,
+    chunk_bytes: int = 8 << 20,
+) -> Iterator[pa.RecordBatch]:
+    """Stream ``COPY (query) TO STDOUT (FORMAT csv)`` as Arrow batches of ≤ ``chunk_rows`` rows."""
+    stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query).as_bytes(conn)
+    pgconn = conn.pgconn
+    res = pgconn.exec_(stmt)
+    if res.status != pq.ExecStatus.COPY_OUT:
+        _raise_pg(pgconn, "COPY")
+    read, parse, convert = _csv_options(schema)
+    block = bytearray()  # rows are copied in at once: a held libpq buffer per row costs ~500 bytes
+    rows = 0
+    nbytes = 0
+    get = pgconn.get_copy_data
+    try:
+        while True:
+            nbytes, data = get(0)
+            if nbytes < 0:
+                break
+            block += data
+            rows += 1
+            if rows >= chunk_rows or len(block) >= chunk_bytes:
+                yield from _parse(block, read, parse, convert, schema)
+                block, rows = bytearray(), 0
+        if nbytes == -2:
+            _raise_pg(pgconn, "COPY")
+        if rows:
+            yield from _parse(block, read, parse, convert, schema)
+    finally:
+        errors = _finish(pgconn, early=nbytes >= 0)
+    if errors:
+        raise TerminalError(f"Postgres COPY failed: {errors}")
+
+
+def _finish(pgconn: pq.abc.PGconn, early: bool) -> str:
+    """Consume the rest of the COPY and its results, so the connection stays usable (also when the
+    consumer stopped early and closed the generator). Returns the error text, if any."""
+    if early:
+        while pgconn.get_copy_data(0)[0] >= 0:
+            pass
+    errors = []
+    final = pgconn.get_result()
+    while final is not None:
+        if final.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+            errors.append((final.error_message or b"").decode(errors="replace").strip())
+        final = pgconn.get_result()
+    return "; ".join(errors)
+
+
+def _parse(
+    block: bytes | bytearray,
+    read: pcsv.ReadOptions,
+    parse: pcsv.ParseOptions,
+    convert: pcsv.ConvertOptions,
+    schema: pa.Schema,
+) -> Iterator[pa.RecordBatch]:
+    try:
+        table = pcsv.read_csv(pa.py_buffer(block), read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise TerminalError(f"Postgres COPY data did not convert to {schema}: {str(exc)[:300]}") from exc
+    yield from table.combine_chunks().to_batches()
+
+
+def text_to_arrow(values: Sequence[str | None] | pa.Array, column: PgColumn | tuple[str, int]) -> pa.Array:
+    """Postgres text values of one column (pgoutput) → an Arrow array of the column's mapped type."""
+    name, oid = (column.name, column.type_oid) if isinstance(column, PgColumn) else column
+    target = arrow_type(oid)
+    arr = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+    if target == pa.string():
+        return arr
+    try:
+        if oid == BOOL_OID:
+            return pc.equal(arr, "t")
+        if oid == TS_OID:
+            return arr.cast(pa.timestamp("us")).cast(TS)
+        if oid == NUMERIC_OID:
+            return arr.cast(pa.decimal128(38, 9), safe=False)
+        return arr.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise TerminalError(f"column {name!r}: Postgres values do not convert to {target}: {exc}") from None

@@ -1,0 +1,209 @@
+"""Faults mid-push: 429 storms, 5xx bursts, failed bulk polls, a killed worker — every record ends
+in the CRM exactly once per attempt that succeeded, and the sync state matches the CRM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opsloop import faults
+from opsloop.crm.diff import payload_hash
+from opsloop.crm.retry import RetryPolicy
+from opsloop.errors import InjectedFault
+from opsloop.warehouse.duckdb import DuckDBAdapter
+from sandbox.client import SandboxClient
+from tests.crm import helpers
+from tests.crm.helpers import (
+    actual_hs,
+    actual_sf,
+    expected_hs,
+    expected_sf,
+    log_counts,
+    predictions,
+    push,
+    sync_state,
+    write_predictions,
+    write_spec,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def wh(tmp_path: Path) -> DuckDBAdapter:
+    return DuckDBAdapter(tmp_path / "wh.duckdb")
+
+
+def _ok_calls(sbx: SandboxClient, route: str) -> int:
+    return sum(
+        1
+        for e in sbx.requests(log=5000)["log"]
+        if e["route"] == route and not e["injected"] and 200 <= e["status"] < 300
+    )
+
+
+def test_hubspot_429_storm_and_5xx_burst_deliver_every_record_once(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
+) -> None:
+    spec = write_spec(tmp_path)
+    rows = predictions(3000)
+    write_predictions(wh, rows)
+    storm = {"status": "error", "errorType": "RATE_LIMIT", "policyName": "TEN_SECONDLY_ROLLING"}
+    crm_sandbox.fault(
+        "/batch/upsert", method="POST", status=429, body=storm, headers={"Retry-After": "0"}, count=6, skip=5
+    )
+    crm_sandbox.fault("/batch/upsert", method="POST", status=502, count=3, skip=15)
+    crm_sandbox.fault("/batch/upsert", method="POST", status=503, count=2, skip=25)
+    rep = push(wh, spec, "hubspot", crm_sandbox)
+    assert rep["created"] == 3000 and rep["failed"] == 0 and rep["api_retries"] == 11
+    assert _ok_calls(crm_sandbox, "hs.batch_upsert") == 30  # each batch processed exactly once
+    assert actual_hs(crm_sandbox) == expected_hs(rows)
+    assert log_counts(wh) == {"created": 3000}
+
+
+def test_salesforce_5xx_burst_and_failed_bulk_polls(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
+) -> None:
+    spec = write_spec(tmp_path, bulk=1000)
+    rows = predictions(900)
+    write_predictions(wh, rows)
+    crm_sandbox.seed("salesforce", "Contact", 3000)
+    crm_sandbox.fault("/composite/sobjects", method="PATCH", status=503, count=3, skip=1)
+    crm_sandbox.fault("/composite/sobjects", method="PATCH", status=429, headers={"Retry-After": "0"}, count=2, skip=2)
+    rep = push(wh, spec, "salesforce", crm_sandbox)
+    assert rep["updated"] == 900 and _ok_calls(crm_sandbox, "sf.collections_upsert") == 5
+    rows = predictions(3000, seed=2)
+    write_predictions(wh, rows)
+    crm_sandbox.settings(bulk_inprogress_polls=3)
+    crm_sandbox.fault(r"/jobs/ingest/750\w+$", method="GET", status=503, count=2, skip=1)
+    crm_sandbox.fault(r"/jobs/ingest/750\w+$", method="GET", status=429, headers={"Retry-After": "0"}, count=1, skip=1)
+    rep = push(wh, spec, "salesforce", crm_sandbox, run_id="run-2")
+    assert rep["updated"] == 3000 and rep["failed"] == 0
+    jobs = crm_sandbox.jobs()
+    assert len(jobs) == 1 and jobs[0]["state"] == "JobComplete"  # a failed poll never aborts the job
+    assert actual_sf(crm_sandbox) == expected_sf(rows)
+
+
+@pytest.mark.slow
+def test_real_rate_limit_honours_retry_after(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
+    spec = write_spec(tmp_path)
+    rows = predictions(1500)
+    write_predictions(wh, rows)
+    crm_sandbox.rate_limit(8)
+    helpers_policy = RetryPolicy(max_attempts=10, base_delay=0.05, retry_after_cap=15)
+    old, helpers.FAST = helpers.FAST, helpers_policy
+    try:
+        started = time.monotonic()
+        rep = push(wh, spec, "hubspot", crm_sandbox)
+    finally:
+        helpers.FAST = old
+    assert rep["created"] == 1500 and rep["api_retries"] >= 1
+    assert time.monotonic() - started >= 10  # waited for the window instead of hammering
+    statuses = crm_sandbox.requests()["hubspot"]["status"]
+    assert statuses.get("429", 0) <= 4 * rep["api_retries"]
+    assert actual_hs(crm_sandbox) == expected_hs(rows)
+
+
+def _consistent(wh: DuckDBAdapter, sbx: SandboxClient, rows: list[dict], crm: str) -> None:
+    dest = "salesforce.Contact" if crm == "salesforce" else "hubspot.contacts"
+    state = sync_state(wh, dest)
+    exp = expected_sf(rows) if crm == "salesforce" else expected_hs(rows)
+    got = actual_sf(sbx) if crm == "salesforce" else actual_hs(sbx)
+    assert got == exp
+    assert set(state) == set(exp)
+    names = (
+        ["AI_Churn_Risk__c", "AI_Next_Action__c", "AI_Risk_Bucket__c", "AI_Scored_At__c"]
+        if crm == "salesforce"
+        else ["ai_churn_risk", "ai_next_action", "ai_risk_bucket", "ai_scored_at"]
+    )
+    for r in rows:
+        payload = dict(
+            zip(
+                names,
+                (
+                    r["predicted_churn_risk"],
+                    r["next_best_action"],
+                    r["risk_bucket"],
+                    r["scored_at"].strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                ),
+                strict=True,
+            )
+        )
+        assert state[r["customer_id"]] == payload_hash(payload)
+
+
+def _child(wh: DuckDBAdapter, tmp_path: Path, crm: str, sbx: SandboxClient, fault: str, flush: int) -> int:
+    env = {**os.environ, "OPSLOOP_FAULT": fault, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.crm.push_child",
+            wh.path,
+            str(tmp_path / "crm_test.yaml"),
+            crm,
+            sbx.url,
+            "killed-run",
+            str(flush),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crm", ["hubspot", "salesforce"])
+def test_killed_mid_push_then_rerun_is_exact(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, crm: str
+) -> None:
+    spec = write_spec(tmp_path, bulk=100_000)  # Salesforce via Collections: 200 per call
+    rows = predictions(1000)
+    write_predictions(wh, rows)
+    crm_sandbox.seed("salesforce", "Contact", 1000)
+    chunk = 100 if crm == "hubspot" else 200
+    assert _child(wh, tmp_path, crm, crm_sandbox, "mid_crm_push:kill:4", flush=2 * chunk) == 137
+    flushed = len(sync_state(wh, f"{'salesforce.Contact' if crm == 'salesforce' else 'hubspot.contacts'}"))
+    assert flushed == 2 * chunk  # the 4th chunk reached the CRM, its state never did
+    rep = push(wh, spec, crm, crm_sandbox, run_id="rerun")
+    assert rep["candidates"] == 1000 - flushed and rep["failed"] == 0
+    _consistent(wh, crm_sandbox, rows, crm)
+
+
+@pytest.mark.slow
+def test_killed_after_push_before_sync_state(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
+    spec = write_spec(tmp_path)
+    rows = predictions(600)
+    write_predictions(wh, rows)
+    assert _child(wh, tmp_path, "hubspot", crm_sandbox, "after_push_before_sync_state:kill:2", flush=200) == 137
+    assert len(sync_state(wh, "hubspot.contacts")) == 200
+    assert log_counts(wh, "killed-run") == {"created": 400}  # the log row of a push always lands first
+    rep = push(wh, spec, "hubspot", crm_sandbox, run_id="rerun")
+    assert rep["candidates"] == 400 and rep["updated"] == 200 and rep["created"] == 200
+    _consistent(wh, crm_sandbox, rows, "hubspot")
+
+
+def test_injected_error_mid_push_flushes_what_landed(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = write_spec(tmp_path)
+    rows = predictions(500)
+    write_predictions(wh, rows)
+    monkeypatch.setenv("OPSLOOP_FAULT", "mid_crm_push:raise:3")
+    with pytest.raises(InjectedFault):
+        push(wh, spec, "hubspot", crm_sandbox)
+    monkeypatch.delenv("OPSLOOP_FAULT")
+    faults.reset()
+    assert len(sync_state(wh, "hubspot.contacts")) == 300  # confirmed results were flushed on the way out
+    rep = push(wh, spec, "hubspot", crm_sandbox, run_id="rerun")
+    assert rep["candidates"] == 200
+    _consistent(wh, crm_sandbox, rows, "hubspot")
+    runs = wh.query("SELECT status FROM opsloop_meta._sync_runs ORDER BY started_at").to_pylist()
+    assert [r["status"] for r in runs] == ["failed", "completed"]

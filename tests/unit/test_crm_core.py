@@ -1,0 +1,124 @@
+"""Pure parts of the reverse ETL: payload hashing, the significance rule, the retry policy, CSV
+values, gate verdicts, the sandbox's SOQL subset and timestamp formats."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from opsloop.crm.diff import jsonable, payload_hash, significant
+from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy, RetryStats, VendorFailure, call_with_retry
+from opsloop.crm.salesforce import _csv_value
+from opsloop.errors import TerminalError, TransientError
+from sandbox import soql
+from sandbox.util import hs_time, parse_sf_datetime, parse_ts, sf_id, sf_time
+
+
+def test_payload_hash_is_order_independent_and_value_sensitive() -> None:
+    a = payload_hash({"x": 0.5, "y": "call"})
+    assert a == payload_hash({"y": "call", "x": 0.5}) and len(a) == 32
+    assert a != payload_hash({"x": 0.5000001, "y": "call"})
+    assert jsonable(datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)) == "2026-01-02T03:04:05.678Z"
+    assert jsonable(float("nan")) is None
+
+
+@pytest.mark.parametrize(
+    ("new", "bucket_changed", "expected"),
+    [
+        ({"risk": 0.51, "act": "call"}, False, False),  # jitter below minDelta
+        ({"risk": 0.56, "act": "call"}, False, True),  # |Δ| ≥ minDelta
+        ({"risk": 0.51, "act": "call"}, True, True),  # bucket change always counts
+        ({"risk": 0.50, "act": "mail"}, False, True),  # a non-score field changed
+        ({"risk": None, "act": "call"}, False, True),  # cleared
+    ],
+)
+def test_significance_rule(new: dict, bucket_changed: bool, expected: bool) -> None:
+    prev = {"risk": 0.50, "act": "call"}
+    assert significant(new, prev, {"risk"}, 0.05, bucket_changed) is expected
+
+
+def _classify(exc: BaseException) -> VendorFailure | None:
+    if isinstance(exc, KeyError):
+        return VendorFailure(True, 429, "RATE", "slow down", retry_after=float(exc.args[0]))
+    if isinstance(exc, ValueError):
+        return VendorFailure(False, 400, "BAD", "no such field Foo__c")
+    if isinstance(exc, LookupError):
+        return VendorFailure(False, 403, "REQUEST_LIMIT_EXCEEDED", "spent", budget=True)
+    return None
+
+
+def test_call_with_retry_honours_retry_after_and_caps_it() -> None:
+    slept: list[float] = []
+    errors = [KeyError(3), KeyError(500)]
+
+    def fn() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    stats = RetryStats()
+    policy = RetryPolicy(retry_after_cap=60)
+    assert (
+        call_with_retry(fn, _classify, what="x", block="b", vendor="V", policy=policy, stats=stats, sleep=slept.append)
+        == "ok"
+    )
+    assert slept == [3.0, 60.0] and stats.calls == 3 and stats.retries == 2
+
+
+def test_call_with_retry_terminal_budget_and_exhaustion() -> None:
+    def bad() -> None:
+        raise ValueError
+
+    with pytest.raises(TerminalError, match=r"^blk: V upsert failed: HTTP 400 BAD: no such field Foo__c$"):
+        call_with_retry(bad, _classify, what="upsert", block="blk", vendor="V", sleep=lambda _: None)
+
+    def spent() -> None:
+        raise LookupError
+
+    with pytest.raises(CrmBudgetExhausted):
+        call_with_retry(spent, _classify, what="x", block="b", vendor="V", sleep=lambda _: None)
+
+    def always() -> None:
+        raise KeyError(0)
+
+    with pytest.raises(TransientError, match="still failing after 3 attempt"):
+        call_with_retry(
+            always, _classify, what="x", block="b", vendor="V", policy=RetryPolicy(max_attempts=3), sleep=lambda _: None
+        )
+    with pytest.raises(RuntimeError):  # not a vendor error: propagates untouched
+        call_with_retry(lambda: (_ for _ in ()).throw(RuntimeError()), _classify, what="x", block="b", vendor="V")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    p = RetryPolicy(base_delay=1, max_delay=5, jitter=0)
+    assert [p.delay(a, None) for a in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+
+
+def test_bulk_csv_values() -> None:
+    assert [_csv_value(v) for v in (None, "", True, 0.1, "a,b", 3)] == ["#N/A", "#N/A", "true", "0.1", "a,b", "3"]
+
+
+def test_soql_subset() -> None:
+    q = soql.parse(
+        "SELECT Id, Email FROM Contact WHERE SystemModstamp > 2026-01-01T00:00:00Z AND Name LIKE 'a%' "
+        "AND Id IN ('1','2') ORDER BY SystemModstamp DESC LIMIT 5 OFFSET 1"
+    )
+    assert q.fields == ["Id", "Email"] and q.obj == "Contact" and q.limit == 5 and q.offset == 1
+    assert [(c.field, c.op) for c in q.where] == [("SystemModstamp", ">"), ("Name", "LIKE"), ("Id", "IN")]
+    assert q.order == [("SystemModstamp", True)]
+    assert soql.matches({"Name": "Alice"}, [soql.Cond("Name", "LIKE", "a%")])
+    with pytest.raises(soql.SoqlError, match="OR is not supported"):
+        soql.parse("SELECT Id FROM Contact WHERE A = 1 OR B = 2")
+    with pytest.raises(soql.SoqlError, match="relationship"):
+        soql.parse("SELECT Account.Name FROM Contact")
+
+
+def test_sandbox_time_formats_and_ids() -> None:
+    ms = parse_ts("2026-01-02T03:04:05.123+01:00")
+    assert sf_time(ms) == "2026-01-02T02:04:05.123+0000" and hs_time(ms) == "2026-01-02T02:04:05.123Z"
+    assert parse_ts("1767398400000") == 1767398400000 and parse_ts("2026-01-03") == 1767398400000
+    with pytest.raises(ValueError, match="xsd:dateTime"):
+        parse_sf_datetime("2026-01-02 03:04:05+00:00")  # simple-salesforce's bulk2 format is rejected
+    ids = {sf_id("003", i) for i in range(1, 2000)}
+    assert len(ids) == 1999 and all(len(i) == 18 and i.startswith("003") for i in ids)
