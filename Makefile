@@ -23,7 +23,7 @@ help: ## list targets
 
 setup: ## install uv (if missing) and the locked environment into .venv
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --all-extras
+	$(UV) sync --frozen --all-extras --compile-bytecode
 
 demo: setup stack-up bootstrap ## seed/advance demo data, deploy, run the nightly deployment on the local worker
 	$(RUN) python -m deployments.demo

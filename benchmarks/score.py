@@ -131,7 +131,7 @@ def run(sizes: list[int]) -> str:
     growth = rss[-1] / rss[0] if len(rss) > 1 else 1.0
     return (
         "## Scoring (RandomForest 300 trees, depth 8)\n\n"
-        "End to end = DuckDB read → local Parquet spill → features → predict_proba (chunks of 100k) → staged MERGE "
+        "End to end = DuckDB read → local Arrow IPC spill → features → predict_proba (chunks of 100k) → staged MERGE "
         "into `ops_ai.predictions` + history. Raw = the same fitted pipeline's predict_proba on the same rows "
         "already in memory. Target: e2e ≥ 0.8 of raw, peak RSS flat.\n\n"
         + "\n".join(lines)

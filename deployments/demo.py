@@ -43,6 +43,30 @@ def prepare_source(dsn: str, customers: int) -> dict[str, Any]:
     return {"seeded": demodata.seed(dsn, customers)}
 
 
+def sync_crm_contacts(dsn: str, sandbox_url: str) -> dict[str, int]:
+    """Give every demo customer a Contact in the sandbox's Salesforce org, as a real org would have.
+
+    Salesforce creates no Contact without ``LastName``, so opsloop's push (an upsert of AI fields by
+    ``Customer_Id__c``) updates existing Contacts; customers new since the last demo run get theirs here.
+    """
+    import psycopg
+
+    from sandbox.client import SandboxClient
+
+    sandbox = SandboxClient(sandbox_url)
+    known = set(sandbox.by_key("salesforce", "Contact", "Customer_Id__c"))
+    with psycopg.connect(dsn) as con:
+        rows = con.execute("SELECT customer_id, full_name FROM customers ORDER BY customer_id").fetchall()
+    new = [
+        {"Customer_Id__c": cid, "FirstName": (name or "").split(" ")[0], "LastName": (name or cid).split(" ")[-1]}
+        for cid, name in rows
+        if cid and cid not in known
+    ]
+    for i in range(0, len(new), 5000):
+        sandbox.load("salesforce", "Contact", new[i : i + 5000])
+    return {"contacts_created": len(new), "contacts_total": len(known) + len(new)}
+
+
 def run_nightly(timeout: float) -> tuple[Any, str]:
     """Trigger the nightly deployment, wait for its final state, return it with the summary artifact."""
     from prefect.client.orchestration import get_client
@@ -73,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = LocalStack.from_env(REPO)
     print(f"demo source database: {prepare_source(stack.pg.dsn('source'), args.customers)}", flush=True)
+    print(f"CRM sandbox contacts: {sync_crm_contacts(stack.pg.dsn('source'), stack.sandbox_url)}", flush=True)
     if not args.no_deploy and deploy("local") != 0:
         print("prefect deploy failed", file=sys.stderr)
         return 1

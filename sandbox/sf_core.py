@@ -8,13 +8,15 @@ Per-row outcomes come back as ``{id, success, created, errors:[{statusCode, mess
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.defaults import SALESFORCE, SF_PREFIX, SF_SYSTEM
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec
+from sandbox.store import Rec, key_set
 from sandbox.util import parse_sf_datetime, parse_ts, sf_id, sf_time
 
 SYSTEM_LOWER = {s.lower() for s in SF_SYSTEM}
@@ -111,6 +113,35 @@ def coerce(defn: dict[str, Any], value: Any) -> Any:
     return text
 
 
+def coercer(defn: dict[str, Any]) -> Callable[[Any], Any]:
+    """:func:`coerce` for one field, with the common cases (a float for a number field, a short
+    string for a text field) answered without the general dispatch."""
+    t = defn["type"]
+    if t in _NUMBER_TYPES:
+
+        def number(value: Any) -> Any:
+            kind = type(value)
+            if kind is float:
+                return value
+            if kind is str:
+                with contextlib.suppress(ValueError):
+                    return float(value)
+            return coerce(defn, value)
+
+        return number
+    plain_text = t not in (*_NUMBER_TYPES, "int", "boolean", *_DATETIME_TYPES, "date")
+    if plain_text and not defn.get("restrictedPicklist"):
+        limit = int(defn.get("length") or 0)
+
+        def text(value: Any) -> Any:
+            if type(value) is str and (not limit or len(value) <= limit):
+                return value
+            return coerce(defn, value)
+
+        return text
+    return lambda value: coerce(defn, value)
+
+
 def typed(defn: dict[str, Any], rec: Rec) -> Any:
     """A field's value for comparisons (datetimes as epoch ms)."""
     n = defn["name"].lower()
@@ -161,7 +192,10 @@ def write_rows(
     """Apply ``op`` (insert | update | upsert | delete) to ``rows``; see the module docstring."""
     fs = sb.fields(SALESFORCE, obj)
     names = canonical_fields(sb, obj, sorted({k for r in rows for k in r}))
-    rows = [{names[k]: v for k, v in r.items() if k != "attributes"} for r in rows]
+    if all(k == v for k, v in names.items()):
+        rows = [{k: v for k, v in r.items() if k != "attributes"} for r in rows]
+    else:
+        rows = [{names[k]: v for k, v in r.items() if k != "attributes"} for r in rows]
     results = [RowResult() for _ in rows]
     existing: dict[str, Rec] = {}
     targets: list[str | None] = [None] * len(rows)
@@ -178,9 +212,9 @@ def write_rows(
             existing = sb.store.get_many(SALESFORCE, obj, [str(v) for v in values if v])
             found = {k.lower(): [k] for k in existing}
         else:
-            found = sb.store.lookup(SALESFORCE, obj, ext, [str(v) for v in values if v not in (None, "")])
-            ids = sorted({i for v in found.values() for i in v})
-            existing = sb.store.get_many(SALESFORCE, obj, ids)
+            hits = sb.store.lookup_records(SALESFORCE, obj, ext, [str(v) for v in values if v not in (None, "")])
+            existing = {r.id: r for recs in hits.values() for r in recs}
+            found = {k: [r.id for r in v] for k, v in hits.items()}
         live = {k: [i for i in v if i in existing and not existing[i].deleted] for k, v in found.items()}
         found = {k: v for k, v in live.items() if v}
         lows = [None if v in (None, "") else str(v).lower() for v in values]
@@ -196,7 +230,7 @@ def write_rows(
             else:
                 targets[i] = (found.get(low) or [None])[0]
     now = sb.now_ms()
-    required = [d["name"] for d in fs.values() if d.get("required")]
+    plan = _Plan(sb, fs, obj, ext_field, {k for r in rows for k in r})
     ext_name = fs[ext_field.lower()]["name"] if ext_field and op == "upsert" else None
     fresh = iter(new_ids(sb, obj, sum(1 for i, t in enumerate(targets) if t is None and results[i].success)))
     writes: list[Rec] = []
@@ -216,11 +250,11 @@ def write_rows(
         if op == "delete":
             if old is not None:
                 res.id = old.id
-                writes.append(Rec(old.id, old.created, now, True, dict(old.data)))
+                writes.append(Rec(old.id, old.created, now, True, dict(old.data), old.rid))
             continue
         if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == str(row.get(ext_name)).lower():
             row = {k: v for k, v in row.items() if k != ext_name}  # matched case-insensitively: value kept
-        rec = _apply(fs, obj, row, old, op, res, sb, ext_field, required)
+        rec = plan.apply(row, old, res)
         if rec is None:
             continue
         if old is None:
@@ -241,58 +275,67 @@ def write_rows(
                     }
                 )
         return results
+    keys = sb.key_fields(SALESFORCE, obj)
+    old_keys = {r.id: key_set(r, keys) for r in existing.values()}
     with sb.store.tx() as tx:
-        tx.write(SALESFORCE, obj, writes, sb.key_fields(SALESFORCE, obj))
+        tx.write(SALESFORCE, obj, writes, keys, old_keys)
     return results
 
 
-def _apply(
-    fs: dict[str, dict[str, Any]],
-    obj: str,
-    row: dict[str, Any],
-    old: Rec | None,
-    op: str,
-    res: RowResult,
-    sb: Sandbox,
-    ext_field: str | None,
-    required: list[str],
-) -> Rec | None:
-    data = dict(old.data) if old else {}
-    readonly = [k for k in row if k in _SYSTEM_CANON]
-    if readonly:
-        res.fail(
-            "INVALID_FIELD_FOR_INSERT_UPDATE",
-            f"Unable to create/update fields: {', '.join(readonly)}. Please "
-            "check the security settings of this field and verify that it is read/write for your profile or "
-            "permission set.",
-            readonly,
-        )
-        return None
-    for k, v in row.items():
-        if k == "Id":
-            continue
-        try:
-            value = coerce(fs[k.lower()], v)
-        except OverflowError as exc:
-            res.fail("STRING_TOO_LONG", str(exc), [k])
-            return None
-        except LookupError as exc:
-            res.fail("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", f"{k}: {exc}", [k])
-            return None
-        except ValueError as exc:
-            res.fail("INVALID_TYPE_ON_FIELD_IN_RECORD", str(exc), [k])
-            return None
-        if value is None:
-            data.pop(k, None)
-        else:
-            data[k] = value
-    missing = [n for n in required if data.get(n) in (None, "")]
-    if missing and (old is None or any(m in row for m in missing)):
-        res.fail("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing)
-        return None
-    key_value = str(row.get(ext_field)) if ext_field and row.get(ext_field) is not None else None
-    rule = sb.record_failure(SALESFORCE, obj, data, key_value)
-    if rule is not None:
-        res.fail(rule.error_code, rule.message, [rule.field])
-        return None
-    return Rec(old.id if old else "", old.created if old else 0, 0, False, data)
+class _Plan:
+    """Per-request preparation for applying rows: a coercer per field present, the required fields,
+    whether any system field is being written."""
+
+    def __init__(self, sb: Sandbox, fs: dict[str, dict[str, Any]], obj: str, ext_field: str | None, keys: set[str]):
+        self.sb, self.obj, self.ext_field = sb, obj, ext_field
+        self.coerce = {k: coercer(fs[k.lower()]) for k in keys if k != "Id" and k.lower() in fs}
+        self.system = any(k in _SYSTEM_CANON for k in keys)
+        self.required = [d["name"] for d in fs.values() if d.get("required")]
+
+    def apply(self, row: dict[str, Any], old: Rec | None, res: RowResult) -> Rec | None:
+        data = dict(old.data) if old else {}
+        if self.system:
+            readonly = [k for k in row if k in _SYSTEM_CANON]
+            if readonly:
+                res.fail(
+                    "INVALID_FIELD_FOR_INSERT_UPDATE",
+                    f"Unable to create/update fields: {', '.join(readonly)}. Please "
+                    "check the security settings of this field and verify that it is read/write for your profile or "
+                    "permission set.",
+                    readonly,
+                )
+                return None
+        for k, v in row.items():
+            if k == "Id":
+                continue
+            if v is None:
+                data.pop(k, None)
+                continue
+            try:
+                value = self.coerce[k](v)
+            except OverflowError as exc:
+                res.fail("STRING_TOO_LONG", str(exc), [k])
+                return None
+            except LookupError as exc:
+                res.fail("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", f"{k}: {exc}", [k])
+                return None
+            except ValueError as exc:
+                res.fail("INVALID_TYPE_ON_FIELD_IN_RECORD", str(exc), [k])
+                return None
+            if value is None:
+                data.pop(k, None)
+            else:
+                data[k] = value
+        if self.required:
+            missing = [n for n in self.required if data.get(n) in (None, "")]
+            if missing and (old is None or any(m in row for m in missing)):
+                res.fail("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing)
+                return None
+        if self.sb.rules:
+            ext = self.ext_field
+            key_value = str(row.get(ext)) if ext and row.get(ext) is not None else None
+            rule = self.sb.record_failure(SALESFORCE, self.obj, data, key_value)
+            if rule is not None:
+                res.fail(rule.error_code, rule.message, [rule.field])
+                return None
+        return Rec(old.id if old else "", old.created if old else 0, 0, False, data, old.rid if old else None)

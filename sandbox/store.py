@@ -42,6 +42,16 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+def dumps(data: dict[str, Any]) -> str:
+    """A record's fields as stored (compact JSON)."""
+    return json.dumps(data, separators=(",", ":"))
+
+
+def key_set(rec: Rec, key_fields: list[str]) -> set[tuple[str, str]]:
+    """The (field, lower-cased value) key-index rows of one record (as :meth:`_Tx.write` keeps them)."""
+    return {(f.lower(), str(rec.data[f]).lower()) for f in key_fields if rec.data.get(f) not in (None, "")}
+
+
 @dataclass
 class Rec:
     """One CRM record. ``data`` holds the writable fields (system fields are derived columns)."""
@@ -206,6 +216,25 @@ class Store:
                     out.setdefault(value, []).append(id_)
         return out
 
+    def lookup_records(self, vendor: str, obj: str, field_name: str, values: Iterable[str]) -> dict[str, list[Rec]]:
+        """Key value (lower-cased) → the records holding it, in one indexed join per 900 values."""
+        vals = sorted({str(v).lower() for v in values})
+        out: dict[str, list[Rec]] = {}
+        cols = ", ".join(f"r.{c.strip()}" for c in _COLS.split(","))
+        with self.lock:
+            for i in range(0, len(vals), 900):
+                part = vals[i : i + 900]
+                marks = ",".join("?" * len(part))
+                rows = self.con.execute(
+                    f"SELECT k.value, {cols} FROM keys k JOIN records r "
+                    "ON r.vendor = k.vendor AND r.object = k.object AND r.id = k.id "
+                    f"WHERE k.vendor = ? AND k.object = ? AND k.field = ? AND k.value IN ({marks})",
+                    (vendor, obj, field_name.lower(), *part),
+                ).fetchall()
+                for row in rows:
+                    out.setdefault(row[0], []).append(_row_rec(row[1:]))
+        return out
+
     def select_rids(
         self, vendor: str, obj: str, where: str = "", params: tuple[Any, ...] = (), order: str = "rid", limit: int = -1
     ) -> list[int]:
@@ -305,30 +334,50 @@ class _Tx:
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self.con.execute(sql, params)
 
-    def write(self, vendor: str, obj: str, recs: list[Rec], key_fields: list[str]) -> None:
-        """Insert or replace records (by vendor/object/id) and refresh their key index rows."""
+    def write(
+        self,
+        vendor: str,
+        obj: str,
+        recs: list[Rec],
+        key_fields: list[str],
+        old_keys: dict[str, set[tuple[str, str]]] | None = None,
+    ) -> None:
+        """Insert or replace records and refresh their key index rows.
+
+        Records read from the store (``rid`` set) are updated by rowid; others are upserted by
+        vendor/object/id. ``old_keys`` — the key values of the records that existed, as
+        :meth:`key_set` computed them before the change — saves re-reading the index; without it the
+        index rows are read back."""
         if not recs:
             return
-        self.con.executemany(
-            "INSERT INTO records(vendor, object, id, created, modstamp, deleted, data) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(vendor, object, id) DO UPDATE SET modstamp = excluded.modstamp, "
-            "deleted = excluded.deleted, data = excluded.data",
-            [
-                (vendor, obj, r.id, r.created, r.modstamp, int(r.deleted), json.dumps(r.data, separators=(",", ":")))
-                for r in recs
-            ],
-        )
+        known = [(r.modstamp, int(r.deleted), dumps(r.data), r.rid) for r in recs if r.rid is not None]
+        fresh = [
+            (vendor, obj, r.id, r.created, r.modstamp, int(r.deleted), dumps(r.data)) for r in recs if r.rid is None
+        ]
+        if known:
+            self.con.executemany("UPDATE records SET modstamp = ?, deleted = ?, data = ? WHERE rid = ?", known)
+        if fresh:
+            self.con.executemany(
+                "INSERT INTO records(vendor, object, id, created, modstamp, deleted, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(vendor, object, id) DO UPDATE SET "
+                "modstamp = excluded.modstamp, deleted = excluded.deleted, data = excluded.data",
+                fresh,
+            )
         if key_fields:
             wanted = self._key_rows(vendor, obj, recs, key_fields)
             have: dict[str, set[tuple[str, str]]] = {}
-            ids = [r.id for r in recs]
-            for i in range(0, len(ids), 500):
-                part = ids[i : i + 500]
-                marks = ",".join("?" * len(part))
-                sql = f"SELECT id, field, value FROM keys WHERE vendor = ? AND object = ? AND id IN ({marks})"
-                for id_, f, v in self.con.execute(sql, (vendor, obj, *part)):
-                    have.setdefault(id_, set()).add((f, v))
-            changed = [r.id for r in recs if have.get(r.id, set()) != wanted.get(r.id, set())]
+            if old_keys is not None:
+                have = old_keys
+            else:
+                ids = [r.id for r in recs]
+                for i in range(0, len(ids), 900):
+                    part = ids[i : i + 900]
+                    marks = ",".join("?" * len(part))
+                    sql = f"SELECT id, field, value FROM keys WHERE vendor = ? AND object = ? AND id IN ({marks})"
+                    for id_, f, v in self.con.execute(sql, (vendor, obj, *part)):
+                        have.setdefault(id_, set()).add((f, v))
+            empty: set[tuple[str, str]] = set()
+            changed = [r.id for r in recs if have.get(r.id, empty) != wanted.get(r.id, empty)]
             if changed:
                 self.con.executemany(
                     "DELETE FROM keys WHERE vendor = ? AND object = ? AND id = ?", [(vendor, obj, i) for i in changed]

@@ -11,7 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
 
@@ -205,7 +204,3 @@ def test_mlflow_models_serve_scores_one_request(tmp_path: Path, mlflow_server: s
         assert time.monotonic() - started < 30
     finally:
         svc.stop()
-
-
-def _unused(_: pa.Table) -> None:  # keep pyarrow import for type clarity in fixtures
-    return None

@@ -1,7 +1,9 @@
 """The CRM sink protocol and its value types.
 
-A sink pushes already-mapped payloads (CRM field name → value) keyed by an external id and
-reports one :class:`RecordResult` per record. Per-record rejections (a 207 item, a Bulk
+A sink pushes already-mapped payloads keyed by an external id, a batch at a time: it receives the
+staged candidates as Arrow tables (``external_id``, one ``f:<crm field>`` column per mapped field,
+…) and reports one :class:`BatchResult` per request or job — the rows it attempted and, aligned
+with them, the status / CRM id / error of each. Per-record rejections (a 207 item, a Bulk
 ``failedResults`` row) are data, not exceptions; request-level errors raise Terminal/TransientError
 (via :mod:`opsloop.crm.retry`). A sink never spends more API calls than its ``call_budget``: when
 the next request would exceed it, it raises :class:`BudgetCapReached` *before* sending, so the
@@ -14,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
+
+import pyarrow as pa
 
 from opsloop.crm.retry import RetryPolicy, RetryStats
 
@@ -36,28 +40,35 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class PushRecord:
+    """One entity's payload (used for the few rows the review queue holds back)."""
+
     entity: str
     external_id: str
     payload: dict[str, Any]
     payload_hash: str
     attempt: int = 1
     bucket: str | None = None
-    pending_retry: bool = False  # a _sync_retry row exists for this entity
-    payload_json: str = ""  # the canonical JSON the hash was computed from (if known)
 
 
 @dataclass
-class RecordResult:
-    record: PushRecord
-    status: str  # created | updated | failed
-    crm_id: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
+class BatchResult:
+    """The outcome of one request / job: ``rows`` (the staged candidate rows attempted, in order)
+    and, aligned with them, ``status`` (created | updated | failed), CRM id and vendor error."""
+
+    rows: pa.Table
+    status: list[str]
+    crm_id: list[str | None]
+    error_code: list[str | None]
+    error_message: list[str | None]
     api: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return self.status != "failed"
+    def __len__(self) -> int:
+        return int(self.rows.num_rows)
+
+    @classmethod
+    def failed(cls, rows: pa.Table, code: str, message: str, api: str) -> BatchResult:
+        n = rows.num_rows
+        return cls(rows, ["failed"] * n, [None] * n, [code] * n, [message] * n, api)
 
 
 @dataclass
@@ -96,7 +107,7 @@ class CrmSink(Protocol):
 
     def plan_calls(self, n: int) -> int: ...
 
-    def push(self, records: Iterable[PushRecord], total: int) -> Iterator[list[RecordResult]]: ...
+    def push(self, tables: Iterable[pa.Table], total: int) -> Iterator[BatchResult]: ...
 
 
 class SinkBase:
@@ -129,12 +140,21 @@ def iso_z(value: datetime | date) -> str:
     return value.isoformat()
 
 
-def chunked(items: Iterable[PushRecord], size: int) -> Iterator[list[PushRecord]]:
-    chunk: list[PushRecord] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def rechunk(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Re-slice a stream of tables into tables of exactly ``size`` rows (the last may be shorter)."""
+    pending: list[pa.Table] = []
+    have = 0
+    for t in tables:
+        pending.append(t)
+        have += t.num_rows
+        if have < size:
+            continue
+        whole = pa.concat_tables(pending).combine_chunks()
+        start = 0
+        while have - start >= size:
+            yield whole.slice(start, size)
+            start += size
+        pending = [whole.slice(start)] if start < have else []
+        have -= start
+    if have:
+        yield pa.concat_tables(pending).combine_chunks()

@@ -2,39 +2,43 @@
 
 One streamed query joins the predictions (latest row per entity) with ``_sync_state`` (last
 confirmed payload hash + values + bucket), ``_sync_retry`` (failed attempts) and, when review is
-required, the review queue. Each row's mapped payload is hashed in Python; a row becomes a
-candidate when its hash differs from the confirmed one, unless
+required, the review queue. Each streamed batch is then decided column-wise: the mapped payloads
+are encoded and hashed per batch (:mod:`opsloop.crm.payload`) and compared with the confirmed
+hashes as Arrow masks. A row becomes a candidate when its hash differs from the confirmed one, unless
 
 * only score fields moved, each by less than ``significance.minDelta``, and the risk bucket did
   not change (``onBucketChange``) — float jitter costs no API calls;
 * its payload already failed ``retryCap`` times (skipped until the payload changes);
 * it waits in the review queue (``held``) or was rejected there.
 
-Candidates are streamed to a local Parquet file (bounded memory), in entity order, so the push
-can read them back chunk by chunk and a ``limit`` takes a stable prefix.
+Only the rows the significance rule must look at (a previous payload, ``minDelta`` > 0) are
+examined one by one. Candidates are streamed to a local Parquet file (bounded memory), in entity
+order, with their canonical payload text, hash and one push-ready column per CRM field
+(``f:<field>``), so the sinks build request bodies per batch and a ``limit`` takes a stable prefix.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from opsloop.crm.base import FieldSpec, PushRecord, iso_z
+from opsloop.crm.base import FieldSpec, PushRecord
+from opsloop.crm.payload import VALUE_PREFIX, encode_batch, jsonable, payload_hash, payload_json, payload_rows
 from opsloop.crm.synclog import SyncTables
 from opsloop.errors import TerminalError
 from opsloop.warehouse.base import TableRef, Warehouse
 
-CANDIDATES = pa.schema(
+__all__ = ["DiffOptions", "DiffResult", "ReviewSource", "build_candidates", "jsonable", "payload_hash", "payload_json"]
+
+BASE_COLUMNS = pa.schema(
     [
         ("entity", pa.string()),
         ("external_id", pa.string()),
@@ -48,6 +52,19 @@ CANDIDATES = pa.schema(
 )
 RELEASED = ("approved", "released")
 REJECTED = ("rejected",)
+STATS = (
+    "rows",
+    "unchanged",
+    "insignificant",
+    "candidates",
+    "new",
+    "changed",
+    "retries",
+    "capped",
+    "held",
+    "review_rejected",
+    "beyond_limit",
+)
 
 
 @dataclass(frozen=True)
@@ -89,41 +106,12 @@ class DiffResult:
     held: list[PushRecord] = field(default_factory=list)
     rejected_by_review: list[PushRecord] = field(default_factory=list)
 
-    def records(self, batch_rows: int = 10_000) -> Any:
-        """Iterate the staged candidates as PushRecords (streamed from the Parquet file)."""
+    def tables(self, batch_rows: int = 50_000) -> Iterator[pa.Table]:
+        """The staged candidates as Arrow tables (streamed from the Parquet file, in entity order)."""
         if not self.staged:
             return
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows):
-            for row in batch.to_pylist():
-                yield PushRecord(
-                    row["entity"],
-                    row["external_id"],
-                    json.loads(row["payload"]),
-                    row["payload_hash"],
-                    int(row["attempt"]),
-                    row["bucket"],
-                    bool(row["pending_retry"]),
-                    row["payload"],
-                )
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return iso_z(value)
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    return value
-
-
-def payload_json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def payload_hash(payload: dict[str, Any], text: str | None = None) -> str:
-    text = payload_json(payload) if text is None else text
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+            yield pa.Table.from_batches([batch])
 
 
 def significant(
@@ -197,102 +185,161 @@ def build_candidates(wh: Warehouse, opts: DiffOptions, tables: SyncTables, workd
     cols = list(dict.fromkeys(wanted))
     sql = _diff_sql(wh, opts, tables, cols, schema.column("scored_at") is not None)
     params = {"pipeline": opts.pipeline, "destination": opts.destination}
-    score_fields = {f.crm_name for f in opts.fields if f.column in opts.score_columns}
-    enum_cols = [f.column for f in opts.fields if f.kind == "enumeration"]
     slug = re.sub(r"[^A-Za-z0-9]+", "_", opts.destination)
+    enum_cols = [f.column for f in opts.fields if f.kind == "enumeration"]
     res = DiffResult(workdir / f"candidates_{slug}.parquet", values={c: set() for c in enum_cols})
-    st = dict.fromkeys(
-        (
-            "rows",
-            "unchanged",
-            "insignificant",
-            "candidates",
-            "new",
-            "changed",
-            "retries",
-            "capped",
-            "held",
-            "review_rejected",
-            "beyond_limit",
-        ),
-        0,
-    )
+    res.stats = dict.fromkeys(STATS, 0)
     writer: pq.ParquetWriter | None = None
-    buf: list[dict[str, Any]] = []
     try:
         for batch in wh.read_batches(sql, params, batch_rows=opts.batch_rows):
-            for row in batch.to_pylist():
-                st["rows"] += 1
-                entity = str(row["_entity"])
-                payload = {f.crm_name: jsonable(row[f.column]) for f in opts.fields}
-                text = payload_json(payload)
-                h = payload_hash(payload, text)
-                bucket = (
-                    None if not opts.bucket_column or row[opts.bucket_column] is None else str(row[opts.bucket_column])
-                )
-                attempts, failed_hash = int(row["_attempts"] or 0), row["_failed_hash"]
-                attempt = attempts + 1 if failed_hash == h else 1
-                if row["_prev_hash"] == h:
-                    st["unchanged"] += 1
-                    continue
-                if opts.review is not None and int(row.get("_queued") or 0) > 0 and not int(row.get("_released") or 0):
-                    rec = PushRecord(entity, entity, payload, h, attempt, bucket)
-                    if int(row.get("_rejected") or 0):
-                        st["review_rejected"] += 1
-                        res.rejected_by_review.append(rec)
-                    else:
-                        st["held"] += 1
-                        res.held.append(rec)
-                    continue
-                if failed_hash == h and attempts >= opts.retry_cap:
-                    st["capped"] += 1
-                    continue
-                prev = row["_prev_payload"]
-                if prev is not None and attempt == 1:
-                    changed_bucket = (
-                        opts.on_bucket_change and opts.bucket_column is not None and bucket != row["_prev_bucket"]
-                    )
-                    if not significant(payload, json.loads(prev), score_fields, opts.min_delta, changed_bucket):
-                        st["insignificant"] += 1
-                        continue
-                st["candidates"] += 1
-                st["new" if prev is None else "changed"] += 1
-                st["retries"] += int(attempt > 1)
-                if opts.limit is not None and res.staged >= opts.limit:
-                    st["beyond_limit"] += 1
-                    continue
-                for c in enum_cols:
-                    if row[c] is not None:
-                        res.values[c].add(str(row[c]))
-                if len(res.samples) < 5:
-                    res.samples.append({"external_id": entity, **payload})
-                buf.append(
-                    {
-                        "entity": entity,
-                        "external_id": entity,
-                        "payload": text,
-                        "payload_hash": h,
-                        "attempt": attempt,
-                        "bucket": bucket,
-                        "is_new": prev is None,
-                        "pending_retry": row["_attempts"] is not None,
-                    }
-                )
-                res.staged += 1
-                if len(buf) >= 10_000:
-                    writer = _write(writer, res.path, buf)
-                    buf = []
-        if buf:
-            writer = _write(writer, res.path, buf)
+            staged = _decide(pa.Table.from_batches([batch]), opts, res)
+            if staged is not None and staged.num_rows:
+                if writer is None:
+                    writer = pq.ParquetWriter(res.path, staged.schema)
+                writer.write_table(staged)
     finally:
         if writer is not None:
             writer.close()
-    res.stats = st
     return res
 
 
-def _write(writer: pq.ParquetWriter | None, path: Path, rows: list[dict[str, Any]]) -> pq.ParquetWriter:
-    if writer is None:
-        writer = pq.ParquetWriter(path, CANDIDATES)
-    writer.write_table(pa.Table.from_pylist(rows, schema=CANDIDATES))
-    return writer
+def _int_col(t: pa.Table, name: str) -> pa.Array:
+    return pc.fill_null(t.column(name).cast(pa.int64()), 0).combine_chunks()
+
+
+def _decide(t: pa.Table, opts: DiffOptions, res: DiffResult) -> pa.Table | None:
+    """Decide one streamed batch with Arrow masks; return its staged candidates (or None)."""
+    st = res.stats
+    n = t.num_rows
+    st["rows"] += n
+    texts, hashes, values = encode_batch(t, opts.fields)
+    prev_hash = t.column("_prev_hash").combine_chunks()
+    unchanged = pc.fill_null(pc.equal(prev_hash, hashes), False)
+    st["unchanged"] += pc.sum(unchanged).as_py() or 0
+    attempts = _int_col(t, "_attempts")
+    failed_same = pc.fill_null(pc.equal(t.column("_failed_hash").combine_chunks(), hashes), False)
+    attempt = pc.if_else(failed_same, pc.add(attempts, 1), pa.scalar(1, pa.int64()))
+    live = pc.invert(unchanged)
+    entity = t.column("_entity").cast(pa.string()).combine_chunks()
+    bucket = (
+        t.column(opts.bucket_column).cast(pa.string()).combine_chunks()
+        if opts.bucket_column
+        else pa.nulls(n, pa.string())
+    )
+    if opts.review is not None:
+        in_review = pc.and_(live, pc.and_(pc.greater(_int_col(t, "_queued"), 0), pc.equal(_int_col(t, "_released"), 0)))
+        rejected = pc.and_(in_review, pc.greater(_int_col(t, "_rejected"), 0))
+        held = pc.and_(in_review, pc.invert(rejected))
+        for mask, key, out in ((held, "held", res.held), (rejected, "review_rejected", res.rejected_by_review)):
+            idx = _indices(mask)
+            st[key] += len(idx)
+            out.extend(_push_records(idx, entity, values, hashes, attempt, bucket))
+        live = pc.and_(live, pc.invert(in_review))
+    capped = pc.and_(live, pc.and_(failed_same, pc.greater_equal(attempts, opts.retry_cap)))
+    st["capped"] += pc.sum(capped).as_py() or 0
+    live = pc.and_(live, pc.invert(capped))
+    prev_payload = t.column("_prev_payload").combine_chunks()
+    has_prev = pc.is_valid(prev_payload)
+    check = pc.and_(live, pc.and_(has_prev, pc.equal(attempt, 1)))
+    insignificant = _insignificant(t, opts, check, texts, prev_payload, values, bucket)
+    st["insignificant"] += pc.sum(insignificant).as_py() or 0
+    live = pc.and_(live, pc.invert(insignificant))
+    idx = _indices(live)
+    st["candidates"] += len(idx)
+    changed = pc.sum(pc.and_(live, has_prev)).as_py() or 0
+    st["changed"] += changed
+    st["new"] += len(idx) - changed
+    st["retries"] += pc.sum(pc.and_(live, pc.greater(attempt, 1))).as_py() or 0
+    if opts.limit is not None:
+        room = max(0, opts.limit - res.staged)
+        st["beyond_limit"] += max(0, len(idx) - room)
+        idx = idx[:room]
+    if not idx:
+        return None
+    take = pa.array(idx, pa.int64())
+    staged = pa.table(
+        {
+            "entity": entity.take(take),
+            "external_id": entity.take(take),
+            "payload": texts.take(take),
+            "payload_hash": hashes.take(take),
+            "attempt": attempt.take(take),
+            "bucket": bucket.take(take),
+            "is_new": pc.invert(has_prev).take(take),
+            "pending_retry": pc.is_valid(t.column("_attempts").combine_chunks()).take(take),
+            **{VALUE_PREFIX + k: v.take(take) for k, v in values.items()},
+        }
+    )
+    res.staged += staged.num_rows
+    for f in opts.fields:
+        if f.column in res.values:
+            uniq = pc.unique(staged.column(VALUE_PREFIX + f.crm_name)).to_pylist()
+            res.values[f.column].update(str(v) for v in uniq if v is not None)
+    if len(res.samples) < 5:
+        head = staged.slice(0, 5 - len(res.samples))
+        res.samples += [
+            {"external_id": e, **p}
+            for e, p in zip(
+                head.column("entity").to_pylist(),
+                payload_rows({k: head.column(VALUE_PREFIX + k).combine_chunks() for k in values}),
+                strict=True,
+            )
+        ]
+    return staged
+
+
+def _indices(mask: pa.Array) -> list[int]:
+    return pc.indices_nonzero(mask).to_pylist()  # type: ignore[no-any-return]
+
+
+def _push_records(
+    idx: list[int], entity: pa.Array, values: dict[str, pa.Array], hashes: pa.Array, attempt: pa.Array, bucket: pa.Array
+) -> list[PushRecord]:
+    if not idx:
+        return []
+    take = pa.array(idx, pa.int64())
+    return [
+        PushRecord(e, e, p, h, int(a), b)
+        for e, p, h, a, b in zip(
+            entity.take(take).to_pylist(),
+            payload_rows(values, idx),
+            hashes.take(take).to_pylist(),
+            attempt.take(take).to_pylist(),
+            bucket.take(take).to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+def _insignificant(
+    t: pa.Table,
+    opts: DiffOptions,
+    check: pa.Array,
+    texts: pa.Array,
+    prev_payload: pa.Array,
+    values: dict[str, pa.Array],
+    bucket: pa.Array,
+) -> pa.Array:
+    """Rows (among ``check``) whose change is not worth a call. With ``minDelta`` 0 any differing
+    value is significant, so only an identical payload text is insignificant; otherwise the rule
+    runs per row on the rows that have a previous payload."""
+    if opts.min_delta <= 0:
+        same = pc.and_(check, pc.fill_null(pc.equal(texts, prev_payload), False))
+        if opts.on_bucket_change and opts.bucket_column is not None:
+            prev_bucket = t.column("_prev_bucket").cast(pa.string()).combine_chunks()
+            moved = pc.fill_null(pc.not_equal(bucket, prev_bucket), True)
+            moved = pc.if_else(pc.and_(pc.is_null(bucket), pc.is_null(prev_bucket)), False, moved)
+            same = pc.and_(same, pc.invert(moved))
+        return same
+    idx = _indices(check)
+    flags = [False] * t.num_rows
+    if idx:
+        score_fields = {f.crm_name for f in opts.fields if f.column in opts.score_columns}
+        take = pa.array(idx, pa.int64())
+        prevs = prev_payload.take(take).to_pylist()
+        buckets = bucket.take(take).to_pylist()
+        prev_buckets = t.column("_prev_bucket").combine_chunks().take(take).to_pylist()
+        for i, payload, prev, b, pb in zip(idx, payload_rows(values, idx), prevs, buckets, prev_buckets, strict=True):
+            changed_bucket = opts.on_bucket_change and opts.bucket_column is not None and b != pb
+            flags[i] = not significant(payload, json.loads(prev), score_fields, opts.min_delta, changed_bucket)
+    return pa.array(flags, pa.bool_())

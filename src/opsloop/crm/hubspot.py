@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from opsloop.crm.base import FieldSpec, PushRecord, RecordResult, SchemaCheck, SinkBase, chunked
+import pyarrow as pa
+
+from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rechunk
 from opsloop.crm.clients import classify_hubspot, hubspot_timeout
+from opsloop.crm.payload import VALUE_PREFIX
 from opsloop.crm.retry import RetryPolicy, call_with_retry
 from opsloop.errors import TerminalError
 
@@ -32,12 +35,15 @@ _TYPES: dict[str, tuple[str, str]] = {
 }
 
 
-def _value(value: Any) -> Any:
-    if value is None:
-        return ""  # HubSpot: an empty string clears the property
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
+def _values(col: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """A column as HubSpot property values: null → "" (an empty string clears the property),
+    booleans as "true"/"false", numbers as JSON numbers, strings as given."""
+    if pa.types.is_boolean(col.type):
+        return [("true" if v else "false") if v is not None else "" for v in col.to_pylist()]
+    values = col.to_pylist()
+    if col.null_count:
+        return ["" if v is None else v for v in values]
+    return values
 
 
 def _label(name: str) -> str:
@@ -186,40 +192,43 @@ class HubSpotSink(SinkBase):
     def plan_calls(self, n: int) -> int:
         return math.ceil(max(n, 0) / BATCH_SIZE)
 
-    def push(self, records: Iterable[PushRecord], total: int) -> Iterator[list[RecordResult]]:
-        for chunk in chunked(records, BATCH_SIZE):
+    def push(self, tables: Iterable[pa.Table], total: int) -> Iterator[BatchResult]:
+        for chunk in rechunk(tables, BATCH_SIZE):
             yield self._upsert(chunk)
 
-    def _upsert(self, chunk: list[PushRecord]) -> list[RecordResult]:
+    def _body(self, t: pa.Table) -> dict[str, Any]:
         idp = self.external_id_field
-        body = {
+        names = [c[len(VALUE_PREFIX) :] for c in t.column_names if c.startswith(VALUE_PREFIX)]
+        cols = [_values(t.column(VALUE_PREFIX + n)) for n in names]
+        return {
             "inputs": [
-                {"idProperty": idp, "id": r.external_id, "properties": {k: _value(v) for k, v in r.payload.items()}}
-                for r in chunk
+                {"idProperty": idp, "id": row[0], "properties": dict(zip(names, row[1:], strict=True))}
+                for row in zip(t.column("external_id").to_pylist(), *cols, strict=True)
             ]
         }
+
+    def _upsert(self, t: pa.Table) -> BatchResult:
+        idp = self.external_id_field
+        body = self._body(t)
         data = self._call(
             lambda: self._raw(self.batch_api.upsert, self.object, body),
-            f"batch upsert {self.object} ({len(chunk)} records)",
+            f"batch upsert {self.object} ({t.num_rows} records)",
         )
-        by_key = {r.external_id.lower(): r for r in chunk}
-        done: dict[str, RecordResult] = {}
+        res = BatchResult.failed(t, "MISSING_RESULT", "HubSpot returned no result for this input", "batch")
+        pos = {str(k).lower(): i for i, k in enumerate(t.column("external_id").to_pylist())}
+        done: set[int] = set()
         for item in data.get("results") or []:
-            key = str((item.get("properties") or {}).get(idp) or "").lower()
-            rec = by_key.get(key)
-            if rec is not None:
-                status = "created" if item.get("new") else "updated"
-                done[key] = RecordResult(rec, status, str(item.get("id")), api="batch")
+            i = pos.get(str((item.get("properties") or {}).get(idp) or "").lower())
+            if i is not None:
+                res.status[i] = "created" if item.get("new") else "updated"
+                res.crm_id[i], res.error_code[i], res.error_message[i] = str(item.get("id")), None, None
+                done.add(i)
         for err in data.get("errors") or []:
             ids = (err.get("context") or {}).get("ids") or []
             code = str(err.get("subCategory") or err.get("category") or "ERROR")
-            targets = [str(i).lower() for i in ids] or [k for k in by_key if k not in done]
-            for key in targets:
-                if key in by_key and key not in done:
-                    msg = str(err.get("message"))[:1000]
-                    done[key] = RecordResult(by_key[key], "failed", None, code, msg, "batch")
-        return [
-            done.get(r.external_id.lower())
-            or RecordResult(r, "failed", None, "MISSING_RESULT", "HubSpot returned no result for this input", "batch")
-            for r in chunk
-        ]
+            targets = [pos.get(str(k).lower()) for k in ids] if ids else [i for i in pos.values() if i not in done]
+            for i in targets:
+                if i is not None and i not in done:
+                    res.error_code[i], res.error_message[i] = code, str(err.get("message"))[:1000]
+                    done.add(i)
+        return res

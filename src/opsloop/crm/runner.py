@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from opsloop import faults
-from opsloop.crm.base import BudgetCapReached, CrmSink, FieldSpec, PushRecord, RecordResult
+from opsloop.crm.base import BatchResult, BudgetCapReached, CrmSink, FieldSpec, PushRecord
 from opsloop.crm.diff import DiffOptions, ReviewSource, build_candidates
 from opsloop.crm.gates import push_allowed
 from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy
@@ -208,7 +208,7 @@ def _diff_and_push(
     _log_review(tables, run.run_id, diff.held, "held")
     _log_review(tables, run.run_id, diff.rejected_by_review, "review_rejected")
     sink.call_budget = None if allowance is None else sink.stats.calls + allowance
-    _push(sink, tables, diff.records(), diff.staged, spec, run, report)
+    _push(sink, tables, diff.tables(), diff.staged, spec, run, report)
 
 
 def _allowance(sink: CrmSink, spent_today: int, share: float) -> int | None:
@@ -225,36 +225,40 @@ def _allowance(sink: CrmSink, spent_today: int, share: float) -> int | None:
 def _push(
     sink: CrmSink,
     tables: SyncTables,
-    records: Any,
+    staged: Any,
     total: int,
     spec: PipelineSpec,
     run: RunOptions,
     report: dict[str, Any],
 ) -> None:
-    buffer: list[RecordResult] = []
+    buffer: list[BatchResult] = []
+    buffered = 0
     attempted = 0
     flushes = 0
 
     def flush() -> None:
-        nonlocal buffer, flushes
-        if not buffer:
+        nonlocal buffer, buffered, flushes
+        if not buffered:
             return
         flushes += 1
         counts = tables.flush(buffer, run.run_id, spec.sync.retry_cap, f"{run.run_id}_{flushes}")
         for k, v in counts.items():
             report[k] = report.get(k, 0) + v
+        by_code = report["failed_by_code"]
         for r in buffer:
-            if not r.ok:
-                code = r.error_code or "UNKNOWN"
-                report["failed_by_code"][code] = report["failed_by_code"].get(code, 0) + 1
-        buffer = []
+            for status, code in zip(r.status, r.error_code, strict=True):
+                if status == "failed":
+                    key = code or "UNKNOWN"
+                    by_code[key] = by_code.get(key, 0) + 1
+        buffer, buffered = [], 0
 
     try:
-        for results in sink.push(records, total):
-            buffer.extend(results)
-            attempted += len(results)
+        for result in sink.push(staged, total):
+            buffer.append(result)
+            buffered += len(result)
+            attempted += len(result)
             faults.checkpoint("mid_crm_push")
-            if len(buffer) >= run.flush_rows:
+            if buffered >= run.flush_rows:
                 flush()
     except BudgetCapReached as exc:
         report.update(status="budget_stopped", note=str(exc))

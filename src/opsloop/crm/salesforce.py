@@ -6,28 +6,30 @@ helper, which shuffles CSV columns, writes ``None`` as "leave unchanged", format
 space and aborts the whole job on one failed status poll): explicit column order, ``#N/A`` to
 clear a field, ISO timestamps, every call (polls included) retried on its own, and the
 successful / failed / unprocessed result CSVs parsed back to one result per record.
+
+Request bodies are built a batch at a time from the staged Arrow columns: the Bulk CSV is written
+by ``pyarrow.csv`` (values cast column-wise; null / empty → ``#N/A``) and the result CSVs are read
+back by ``pyarrow.csv`` and matched to the job's rows by external id (case-insensitive).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import repeat
 from typing import Any, TypeVar
 
-from opsloop.crm.base import (
-    FieldSpec,
-    PushRecord,
-    RecordResult,
-    SchemaCheck,
-    SinkBase,
-    chunked,
-)
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rechunk
 from opsloop.crm.clients import classify_salesforce
+from opsloop.crm.payload import VALUE_PREFIX
 from opsloop.crm.retry import RetryPolicy, call_with_retry
 from opsloop.errors import TerminalError, TransientError
 
@@ -44,14 +46,36 @@ _SF_TYPES = {
 }
 
 
+def _csv_column(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One CSV column: values as text (bools true/false, floats round-trip exact); null or empty →
+    ``#N/A`` (Bulk 2.0: an empty cell means "leave unchanged", ``#N/A`` sets the field to null)."""
+    text = col.cast(pa.string())
+    blank = pc.or_kleene(pc.is_null(text), pc.equal(text, ""))
+    return pc.if_else(blank, pa.scalar("#N/A"), text)
+
+
 def _csv_value(value: Any) -> str:
-    if value is None or value == "":
-        return "#N/A"  # Bulk 2.0: empty = leave unchanged, #N/A = set null
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    """One value as :func:`_csv_column` writes it."""
+    return str(_csv_column(pa.array([value])).to_pylist()[0])
+
+
+def _read_result_csv(data: bytes, columns: list[str]) -> dict[str, list[str]]:
+    """``columns`` of a Bulk result CSV as lists of strings (all empty when the CSV has no rows)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip() or b"\n" not in data.strip():
+        return {c: [] for c in columns}
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns,
+            include_missing_columns=True,
+            column_types=dict.fromkeys(columns, pa.string()),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    return {c: [v or "" for v in table.column(c).to_pylist()] for c in columns}
 
 
 class SalesforceSink(SinkBase):
@@ -157,59 +181,64 @@ class SalesforceSink(SinkBase):
             return math.ceil(n / self.bulk_job_rows) * BULK_CALLS_PER_JOB
         return math.ceil(n / COLLECTION_SIZE)
 
-    def push(self, records: Iterable[PushRecord], total: int) -> Iterator[list[RecordResult]]:
+    def push(self, tables: Iterable[pa.Table], total: int) -> Iterator[BatchResult]:
         if total >= self.bulk_threshold:
-            for job in chunked(records, self.bulk_job_rows):
+            for job in rechunk(tables, self.bulk_job_rows):
                 self.reserve(BULK_CALLS_PER_JOB)
                 yield self._bulk_job(job)
         else:
-            for chunk in chunked(records, COLLECTION_SIZE):
+            for chunk in rechunk(tables, COLLECTION_SIZE):
                 yield self._collection(chunk)
 
-    def _collection(self, chunk: list[PushRecord]) -> list[RecordResult]:
-        ext = self.external_id_field
-        body = {
-            "allOrNone": False,
-            "records": [{"attributes": {"type": self.object}, **r.payload, ext: r.external_id} for r in chunk],
-        }
-        path = f"composite/sobjects/{self.object}/{ext}"
+    def _collection_body(self, t: pa.Table) -> dict[str, Any]:
+        names = list(self.columns)
+        cols = [t.column(VALUE_PREFIX + n).to_pylist() for n in names]
+        keys = ("attributes", *names, self.external_id_field)  # the external id wins over a mapped twin
+        rows = zip(repeat({"type": self.object}), *cols, t.column("external_id").to_pylist())
+        return {"allOrNone": False, "records": [dict(zip(keys, row, strict=True)) for row in rows]}
+
+    def _collection(self, t: pa.Table) -> BatchResult:
+        body = self._collection_body(t)
+        path = f"composite/sobjects/{self.object}/{self.external_id_field}"
+        n = t.num_rows
         out = self._call(
             lambda: self.sf.restful(path, method="PATCH", json=body),
-            f"collections upsert {self.object} ({len(chunk)} records)",
+            f"collections upsert {self.object} ({n} records)",
         )
-        if not isinstance(out, list) or len(out) != len(chunk):
+        if not isinstance(out, list) or len(out) != n:
             raise TerminalError(
                 f"{self.block}: Salesforce collections upsert returned {type(out).__name__} of "
-                f"{len(out) if isinstance(out, list) else '?'} items for {len(chunk)} records"
+                f"{len(out) if isinstance(out, list) else '?'} items for {n} records"
             )
-        results = []
-        for rec, item in zip(chunk, out, strict=True):
+        res = BatchResult(t, [], [], [], [], "collections")
+        for item in out:
+            res.crm_id.append(item.get("id"))
             if item.get("success"):
-                status = "created" if item.get("created") else "updated"
-                results.append(RecordResult(rec, status, item.get("id"), api="collections"))
+                res.status.append("created" if item.get("created") else "updated")
+                res.error_code.append(None)
+                res.error_message.append(None)
             else:
                 err = (item.get("errors") or [{}])[0]
-                results.append(
-                    RecordResult(
-                        rec,
-                        "failed",
-                        item.get("id"),
-                        str(err.get("statusCode", "UNKNOWN")),
-                        str(err.get("message", ""))[:1000],
-                        api="collections",
-                    )
-                )
-        return results
+                res.status.append("failed")
+                res.error_code.append(str(err.get("statusCode", "UNKNOWN")))
+                res.error_message.append(str(err.get("message", ""))[:1000])
+        return res
 
-    def _bulk_job(self, job_rows: list[PushRecord]) -> list[RecordResult]:
+    def _bulk_csv(self, t: pa.Table) -> bytes:
         ext = self.external_id_field
         cols = [c for c in self.columns if c.lower() != ext.lower()]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([ext, *cols])
-        for r in job_rows:
-            w.writerow([r.external_id, *(_csv_value(r.payload.get(c)) for c in cols)])
-        data = buf.getvalue().encode("utf-8")
+        table = pa.table(
+            [t.column("external_id").cast(pa.string()), *(_csv_column(t.column(VALUE_PREFIX + c)) for c in cols)],
+            names=[ext, *cols],
+        )
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=True, delimiter=",", quoting_style="needed"))
+        return buf.getvalue()
+
+    def _bulk_job(self, t: pa.Table) -> BatchResult:
+        ext = self.external_id_field
+        n = t.num_rows
+        data = self._bulk_csv(t)
         spec = {
             "object": self.object,
             "operation": "upsert",
@@ -229,43 +258,42 @@ class SalesforceSink(SinkBase):
                 data=data,
                 headers={"Content-Type": "text/csv; charset=UTF-8", "Accept": "application/json"},
             ),
-            f"upload bulk job {job_id} ({len(job_rows)} rows)",
+            f"upload bulk job {job_id} ({n} rows)",
         )
         self._call(
             lambda: self.sf.restful(f"jobs/ingest/{job_id}", method="PATCH", json={"state": "UploadComplete"}),
             f"close bulk job {job_id}",
         )
         info = self._wait(job_id)
-        by_ext = {r.external_id.lower(): r for r in job_rows}
-        done: dict[str, RecordResult] = {}
         if info["state"] != "JobComplete":
             msg = str(info.get("errorMessage") or info["state"])
-            return [RecordResult(r, "failed", None, "BULK_JOB_" + info["state"].upper(), msg, "bulk") for r in job_rows]
-        for row in self._results(job_id, "successfulResults"):
-            rec = by_ext.get(row.get(ext, "").lower())
-            if rec is not None:
-                status = "created" if row.get("sf__Created", "").lower() == "true" else "updated"
-                done[rec.external_id.lower()] = RecordResult(rec, status, row.get("sf__Id") or None, api="bulk")
+            return BatchResult.failed(t, "BULK_JOB_" + info["state"].upper(), msg, "bulk")
+        res = BatchResult.failed(t, "MISSING_RESULT", f"no result row in bulk job {job_id}", "bulk")
+        keys = pc.utf8_lower(t.column("external_id").cast(pa.string()))
+
+        def positions(ids: list[str]) -> list[int | None]:
+            found = pc.index_in(pc.utf8_lower(pa.array(ids, pa.string())), value_set=keys)
+            return found.to_pylist()  # type: ignore[no-any-return]
+
+        ok = _read_result_csv(self._results(job_id, "successfulResults"), [ext, "sf__Id", "sf__Created"])
+        for i, crm_id, created in zip(positions(ok[ext]), ok["sf__Id"], ok["sf__Created"], strict=True):
+            if i is not None:
+                res.status[i] = "created" if created.lower() == "true" else "updated"
+                res.crm_id[i], res.error_code[i], res.error_message[i] = crm_id or None, None, None
         if int(info.get("numberRecordsFailed") or 0):
-            for row in self._results(job_id, "failedResults"):
-                rec = by_ext.get(row.get(ext, "").lower())
-                if rec is not None:
-                    code, _, msg = str(row.get("sf__Error", "")).partition(":")
-                    done[rec.external_id.lower()] = RecordResult(
-                        rec, "failed", row.get("sf__Id") or None, code or "UNKNOWN", msg.rstrip(" -")[:1000], "bulk"
-                    )
-        if int(info.get("numberRecordsProcessed") or 0) < len(job_rows):
-            for row in self._results(job_id, "unprocessedrecords"):
-                rec = by_ext.get(row.get(ext, "").lower())
-                if rec is not None:
-                    done[rec.external_id.lower()] = RecordResult(
-                        rec, "failed", None, "UNPROCESSED", f"not processed by bulk job {job_id}", "bulk"
-                    )
-        return [
-            done.get(r.external_id.lower())
-            or RecordResult(r, "failed", None, "MISSING_RESULT", f"no result row in bulk job {job_id}", "bulk")
-            for r in job_rows
-        ]
+            bad = _read_result_csv(self._results(job_id, "failedResults"), [ext, "sf__Id", "sf__Error"])
+            for i, crm_id, error in zip(positions(bad[ext]), bad["sf__Id"], bad["sf__Error"], strict=True):
+                if i is not None:
+                    code, _, msg = error.partition(":")
+                    res.status[i], res.crm_id[i] = "failed", crm_id or None
+                    res.error_code[i], res.error_message[i] = code or "UNKNOWN", msg.rstrip(" -")[:1000]
+        if int(info.get("numberRecordsProcessed") or 0) < n:
+            left = _read_result_csv(self._results(job_id, "unprocessedrecords"), [ext])
+            for i in positions(left[ext]):
+                if i is not None:
+                    res.status[i], res.crm_id[i] = "failed", None
+                    res.error_code[i], res.error_message[i] = "UNPROCESSED", f"not processed by bulk job {job_id}"
+        return res
 
     def _wait(self, job_id: str) -> dict[str, Any]:
         started = time.monotonic()
@@ -287,11 +315,11 @@ class SalesforceSink(SinkBase):
             self.sleep(interval)
             interval = min(self.poll_max_interval, interval * 1.5)
 
-    def _results(self, job_id: str, kind: str) -> Iterator[dict[str, str]]:
+    def _results(self, job_id: str, kind: str) -> bytes:
         resp = self._call(
             lambda: self._raw(
                 "GET", f"jobs/ingest/{job_id}/{kind}/", 200, headers={"Accept": "text/csv; charset=UTF-8"}
             ),
             f"{kind} of bulk job {job_id}",
         )
-        yield from csv.DictReader(io.StringIO(resp.content.decode("utf-8-sig"), newline=""))
+        return bytes(resp.content)

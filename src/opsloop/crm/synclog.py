@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opsloop import faults
-from opsloop.crm.base import RecordResult
+from opsloop.crm.base import BatchResult
 from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse
 
 STATE, LOG, RETRY, RUNS = "_sync_state", "_sync_log", "_sync_retry", "_sync_runs"
@@ -151,86 +152,94 @@ class SyncTables:
         if rows:
             self.wh.append(self.log, pa.Table.from_pylist(rows, schema=LOG_ARROW))
 
-    def flush(self, results: list[RecordResult], run_id: str, retry_cap: int, job_key: str) -> dict[str, int]:
-        """Write one batch of results: log → (fault point) → state → retry. Returns status counts.
+    def flush(self, results: list[BatchResult], run_id: str, retry_cap: int, job_key: str) -> dict[str, int]:
+        """Write a run of batch results: log → (fault point) → state → retry. Returns status counts.
 
-        Built column by column (no per-row dicts): a flush of 100k results costs well under a second."""
+        Built with Arrow compute from the staged rows (no per-row Python objects), then one append
+        and one MERGE per table."""
+        results = [r for r in results if len(r)]
+        if not results:
+            return {}
         now = datetime.now(UTC)
-        counts: dict[str, int] = {}
-        statuses = []
-        for r in results:
-            status = r.status
-            if status == "failed" and r.record.attempt >= retry_cap:
-                status = "rejected"
-            counts[status] = counts.get(status, 0) + 1
-            statuses.append(status)
-        recs = [r.record for r in results]
-        n = len(results)
-        log = {
-            "run_id": [run_id] * n,
-            "pipeline": [self.pipeline] * n,
-            "destination": [self.destination] * n,
-            "entity": [x.entity for x in recs],
-            "external_id": [x.external_id for x in recs],
-            "payload_hash": [x.payload_hash for x in recs],
-            "status": statuses,
-            "error_code": [r.error_code for r in results],
-            "error_message": [r.error_message for r in results],
-            "attempt": [x.attempt for x in recs],
-            "api": [r.api for r in results],
-            "crm_id": [r.crm_id for r in results],
-            "at": [now] * n,
-        }
-        ok = [r for r in results if r.ok]
-        m = len(ok)
-        state = {
-            "pipeline": [self.pipeline] * m,
-            "destination": [self.destination] * m,
-            "entity": [r.record.entity for r in ok],
-            "external_id": [r.record.external_id for r in ok],
-            "payload_hash": [r.record.payload_hash for r in ok],
-            "payload": [r.record.payload_json or _payload_json(r.record.payload) for r in ok],
-            "bucket": [r.record.bucket for r in ok],
-            "crm_id": [r.crm_id for r in ok],
-            "run_id": [run_id] * m,
-            "pushed_at": [now] * m,
-        }
+        rows = pa.concat_tables([r.rows for r in results]).combine_chunks()
+        n = rows.num_rows
+        raw_status = pa.array([s for r in results for s in r.status], pa.string())
+        ok = pc.not_equal(raw_status, "failed")
+        attempt = rows.column("attempt")
+        status = pc.if_else(
+            pc.and_(pc.invert(ok), pc.greater_equal(attempt, retry_cap)), pa.scalar("rejected"), raw_status
+        )
+        crm_id = pa.array([c for r in results for c in r.crm_id], pa.string())
+        code = pa.array([c for r in results for c in r.error_code], pa.string())
+        message = pa.array([m for r in results for m in r.error_message], pa.string())
+        api = pa.array([r.api for r in results for _ in range(len(r))], pa.string())
+
+        def const(value: Any, k: int, typ: pa.DataType = pa.string()) -> pa.Array:
+            return pa.repeat(pa.scalar(value, typ), k)
+
+        log = pa.table(
+            [
+                const(run_id, n),
+                const(self.pipeline, n),
+                const(self.destination, n),
+                rows.column("entity"),
+                rows.column("external_id"),
+                rows.column("payload_hash"),
+                status,
+                code,
+                message,
+                attempt,
+                api,
+                crm_id,
+                const(now, n, TS),
+            ],
+            schema=LOG_ARROW,
+        )
+        good = rows.filter(ok)
+        m = good.num_rows
+        state = pa.table(
+            [
+                const(self.pipeline, m),
+                const(self.destination, m),
+                good.column("entity"),
+                good.column("external_id"),
+                good.column("payload_hash"),
+                good.column("payload"),
+                good.column("bucket"),
+                crm_id.filter(ok),
+                const(run_id, m),
+                const(now, m, TS),
+            ],
+            schema=STATE_ARROW,
+        )
         # failed records upsert their attempt count; confirmed ones delete a pending retry row
-        retry_rows = [r for r in results if not r.ok or r.record.pending_retry]
-        k = len(retry_rows)
-        retry = {
-            "pipeline": [self.pipeline] * k,
-            "destination": [self.destination] * k,
-            "entity": [r.record.entity for r in retry_rows],
-            "payload_hash": [r.record.payload_hash for r in retry_rows],
-            "attempts": [0 if r.ok else r.record.attempt for r in retry_rows],
-            "error_code": [None if r.ok else r.error_code for r in retry_rows],
-            "error_message": [None if r.ok else r.error_message for r in retry_rows],
-            "run_id": [run_id] * k,
-            "updated_at": [now] * k,
-            "_delete": [r.ok for r in retry_rows],
-        }
+        need = pc.or_(pc.invert(ok), rows.column("pending_retry"))
+        rt = rows.filter(need)
+        k = rt.num_rows
+        rt_ok = ok.filter(need)
+        retry = pa.table(
+            [
+                const(self.pipeline, k),
+                const(self.destination, k),
+                rt.column("entity"),
+                rt.column("payload_hash"),
+                pc.if_else(rt_ok, pa.scalar(0, pa.int64()), rt.column("attempt")),
+                pc.if_else(rt_ok, pa.scalar(None, pa.string()), code.filter(need)),
+                pc.if_else(rt_ok, pa.scalar(None, pa.string()), message.filter(need)),
+                const(run_id, k),
+                const(now, k, TS),
+                rt_ok,
+            ],
+            schema=RETRY_ARROW,
+        )
         with held_open(self.wh):
-            if n:
-                self.wh.append(self.log, pa.table(log, schema=LOG_ARROW))
+            self.wh.append(self.log, log)
             faults.checkpoint("after_push_before_sync_state")
             if m:
-                self._merge(
-                    self.state,
-                    self.stg_state,
-                    pa.table(state, schema=STATE_ARROW),
-                    f"{job_key}_state",
-                    order_by=("pushed_at",),
-                )
+                self._merge(self.state, self.stg_state, state, f"{job_key}_state", order_by=("pushed_at",))
             if k:
-                self._merge(
-                    self.retry,
-                    self.stg_retry,
-                    pa.table(retry, schema=RETRY_ARROW),
-                    f"{job_key}_retry",
-                    delete_flag="_delete",
-                )
-        return counts
+                self._merge(self.retry, self.stg_retry, retry, f"{job_key}_retry", delete_flag="_delete")
+        return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(status).to_pylist()}
 
     def _merge(
         self,
@@ -264,9 +273,3 @@ class SyncTables:
             {"destination": self.destination, "midnight": midnight},
         ).to_pylist()
         return int(rows[0]["n"] or 0) if rows else 0
-
-
-def _payload_json(payload: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)

@@ -71,7 +71,9 @@ def summarise(source: SourceSpec, runs: list[StreamRun], report: dict[str, Any],
             by_rule[rule] = by_rule.get(rule, 0) + k
     warnings = list(report.pop("warnings", []))
     for r in runs:
-        warnings += [f"{r.stream}: {f}" for f in r.flags if f.startswith(("row-count", "key scan", "run log"))]
+        warnings += [
+            f"{r.stream}: {f}" for f in r.flags if f.startswith(("row-count", "key scan", "run log", "watermark"))
+        ]
     return {
         "source": source.id,
         "kind": source.kind,

@@ -8,16 +8,17 @@ gate leaves the target and the committed position untouched.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
 
 from opsloop import faults
-from opsloop.errors import ConfigError
+from opsloop.errors import ConfigError, TerminalError
 from opsloop.ingest.quarantine import QuarantineWriter
 from opsloop.ingest.runlog import StreamRun
 from opsloop.ingest.writer import Segments, delete_missing_keys, fill_from_target, insert_segment
@@ -32,6 +33,17 @@ from opsloop.warehouse.merge import STATE_TABLE
 from opsloop.warehouse.write import WriteResult, staging_ref, write_merge
 
 META_COLUMNS = frozenset({LSN_COL, SEQ_COL, DELETED_COL, UNCHANGED_COL})
+FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between source and worker
+SUPERSEDED_NOTE = "row(s) superseded by a later version of the same key in one load (transform.deduplicate)"
+
+
+def _add_count_flag(run: StreamRun, prefix: str, n: int, text: str) -> None:
+    """Keep one ``<prefix><total> <text>`` flag per stream, summed over its loads."""
+    old = next((f for f in run.flags if f.startswith(prefix)), None)
+    total = n + (int(old[len(prefix) :].split(" ", 1)[0]) if old else 0)
+    if old:
+        run.flags.remove(old)
+    run.flags.append(f"{prefix}{total} {text}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,7 @@ class StreamLoader:
             run.position_before = format_position(req.position_before)
         existing = None
         if req.replace:
+            req = self._unless_empty(req, target.ref)
             self.wh.drop_table(target.ref)
         else:
             existing = self.wh.table_schema(target.ref)
@@ -175,7 +188,7 @@ class StreamLoader:
             self.wh.meta_dataset, self.spec.name, self.source.id, req.stream, str(target.ref), self.run_id
         )
         dedup = spec_for(self.spec.transform.deduplicate, req.stream, target.ref.table)
-        counts = {"read": 0}
+        counts = {"read": 0, "superseded": 0}
         raised: list[BaseException] = []
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -194,7 +207,9 @@ class StreamLoader:
                 if self.soft and DELETED_COL not in data.column_names:
                     data = data.append_column(DELETED_COL, pa.array([False] * data.num_rows, pa.bool_()))
                 if dedup is not None:
+                    before = data.num_rows
                     data = apply_dedup(data, dedup)
+                    counts["superseded"] += before - data.num_rows
                 good, bad = gate.split(data)
                 if bad is not None:
                     quarantine.add(self.pii.apply(bad))
@@ -205,7 +220,7 @@ class StreamLoader:
         def state() -> StateUpdate | None:
             if not segments.exhausted:
                 return None  # the position is committed with the last segment only
-            pos = req.position()
+            pos = self._capped(req.position(), run)
             run.position_after = format_position(pos) or run.position_after or run.position_before
             return StateUpdate(
                 self.spec.name,
@@ -255,6 +270,8 @@ class StreamLoader:
         finally:
             quarantine.discard()
             run.rows_read += counts["read"]
+            if counts["superseded"]:
+                _add_count_flag(run, "dedup: ", counts["superseded"], SUPERSEDED_NOTE)
             run.rows_quarantined += gate.rows_failed  # distinct rows (a row may fail two rules)
             for rule, k in gate.by_rule.items():
                 run.quarantined_by_rule[rule] = run.quarantined_by_rule.get(rule, 0) + k
@@ -275,6 +292,38 @@ class StreamLoader:
             dict(gate.by_rule),
             list(plan.notes),
         )
+
+    def _unless_empty(self, req: LoadRequest, ref: TableRef) -> LoadRequest:
+        """A replace (full refresh, CDC snapshot) drops the target, but only once the extract has shown
+        a row: an empty extract never empties a table that has rows (it fails loudly instead)."""
+        batches = iter(req.batches)
+        first = next((b for b in batches if b.num_rows), None)
+        if first is not None:
+            return replace(req, batches=itertools.chain([first], batches))
+        if self.wh.table_schema(ref) is not None:
+            rows = self.wh.query(f"SELECT count(*) AS n FROM {self.wh.quote(ref)}").column(0)[0].as_py()
+            if rows:
+                what = "snapshot" if req.kind == "snapshot" else "full refresh"
+                raise TerminalError(
+                    f"{ref}: the {what} of {self.source.id}.{req.stream} read 0 rows, so the table's {rows} "
+                    "row(s) were kept and its position not moved (an empty extract never empties a table). If "
+                    "the source really is empty now, drop the table yourself, then rerun"
+                )
+        return replace(req, batches=[])
+
+    def _capped(self, pos: Position, run: StreamRun) -> Position:
+        """A watermark beyond the extract time (a far-future ``updated_at``) would make every later
+        read start after it and skip all changes until then: commit the extract time instead (the
+        future row is re-read each run, which the MERGE makes harmless) and say so."""
+        if pos.watermark is None or pos.watermark <= self.now + FUTURE_TOLERANCE:
+            return pos
+        flag = (
+            f"watermark: newest value {pos.watermark.isoformat()} is in the future (extract time "
+            f"{self.now.isoformat()}); committed the extract time instead so later changes are still read"
+        )
+        if flag not in run.flags:
+            run.flags.append(flag)
+        return replace(pos, watermark=self.now)
 
     def _check_keys(self, target: Target, staged: pa.Schema) -> None:
         missing = [k for k in target.keys if k not in staged.names]

@@ -11,6 +11,7 @@ schema policy like any other source).
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -48,12 +49,49 @@ def normalise_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, normalise_type(f.type)) for f in schema])
 
 
-def _cast(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+def _floor(value: datetime, field_type: pa.DataType) -> datetime:
+    """A watermark floored to the files' timestamp unit (the filter reads a superset, never less)."""
+    unit = getattr(field_type, "unit", "us")
+    if unit == "s":
+        return value.replace(microsecond=0)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000) if unit == "ms" else value
+
+
+def _column_names(message: str, names: list[str]) -> str:
+    """Arrow's ``CSV column #i`` → the column's name."""
+    return re.sub(
+        r"column #(\d+)",
+        lambda m: f"column #{m.group(1)} ({names[int(m.group(1))]!r})" if int(m.group(1)) < len(names) else m.group(0),
+        message,
+    )
+
+
+def _bad_value(col: pa.Array) -> int:
+    """Index of the first value that is not UTF-8 text (error path only)."""
+    for i, v in enumerate(col.to_pylist()):
+        if isinstance(v, bytes):
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                return i
+    return 0
+
+
+def _cast(batch: pa.RecordBatch, schema: pa.Schema, where: str, keys: list[str]) -> pa.RecordBatch:
     cols = []
     for f, col in zip(schema, batch.columns, strict=True):
         if pa.types.is_timestamp(col.type) and col.type.tz is None:
             col = col.cast(pa.timestamp("us")).cast(TS)  # a zone-less timestamp is read as UTC
-        cols.append(col.cast(f.type))
+        try:
+            cols.append(col.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            i = _bad_value(col) if pa.types.is_binary(col.type) else 0
+            record = {k: batch.column(k)[i].as_py() for k in keys if k in batch.schema.names}
+            what = "is not valid UTF-8 text" if pa.types.is_binary(col.type) else f"does not convert to {f.type}"
+            raise TerminalError(
+                f"{where}: column {f.name!r} {what} at the record {record or f'#{i}'} "
+                f"(value {col[i].as_py()!r:.80}): {exc}"
+            ) from exc
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
@@ -114,15 +152,24 @@ class FileSource:
             if wm not in dataset.schema.names:
                 raise ConfigError(f"source {self.source.id}: watermark column {wm!r} is not in {table.name}'s files")
             field_type = dataset.schema.field(wm).type
-            flt = ds.field(wm) >= pa.scalar(start, type=TS).cast(field_type)
+            flt = ds.field(wm) >= pa.scalar(_floor(start, field_type), type=TS).cast(field_type)
         top: dict[str, datetime | None] = {"value": before}
 
         def batches() -> Iterator[pa.RecordBatch]:
             scanner = dataset.scanner(columns=names, filter=flt, batch_size=self.source.chunk_rows)
-            for raw in scanner.to_batches():
+            where = f"source {self.source.id}.{table.name}"
+            tagged = scanner.scan_batches()
+            while True:
+                try:
+                    item = next(tagged, None)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # the message names the file
+                    raise TerminalError(f"{where}: {_column_names(str(exc), names)}") from exc
+                if item is None:
+                    break
+                raw = item.record_batch
                 if raw.num_rows == 0:
                     continue
-                batch = _cast(raw, schema)
+                batch = _cast(raw, schema, f"{where}: {item.fragment.path}", table.primary_key)
                 if wm is not None and wm in names:
                     m = max_time(batch.column(wm))
                     if m is not None and (top["value"] is None or m > top["value"]):

@@ -260,7 +260,13 @@ class PostgresCdc:
             LoadRequest(
                 table,
                 schema,
-                copy_to_arrow(conn, query, schema, chunk_rows=self.src.source.chunk_rows),
+                copy_to_arrow(
+                    conn,
+                    query,
+                    schema,
+                    chunk_rows=self.src.source.chunk_rows,
+                    what=f"snapshot COPY of {info.qualified}",
+                ),
                 position=lambda: Position(cursor=point, extra=self._extra(point)),
                 order_by=(LSN_COL,),
                 replace=True,

@@ -161,13 +161,15 @@ def copy_to_arrow(
     schema: pa.Schema,
     chunk_rows: int = 100_000,
     chunk_bytes: int = 8 << 20,
+    what: str = "COPY",
 ) -> Iterator[pa.RecordBatch]:
-    """Stream ``COPY (query) TO STDOUT (FORMAT csv)`` as Arrow batches of ≤ ``chunk_rows`` rows."""
+    """Stream ``COPY (query) TO STDOUT (FORMAT csv)`` as Arrow batches of ≤ ``chunk_rows`` rows.
+    ``what`` names the read in errors (``COPY of public.customers``)."""
     stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query).as_bytes(conn)
     pgconn = conn.pgconn
     res = pgconn.exec_(stmt)
     if res.status != pq.ExecStatus.COPY_OUT:
-        _raise_pg(pgconn, "COPY")
+        _raise_pg(pgconn, what)
     read, parse, convert = _csv_options(schema)
     block = bytearray()  # rows are copied in at once: a held libpq buffer per row costs ~500 bytes
     rows = 0
@@ -184,13 +186,13 @@ def copy_to_arrow(
                 yield from _parse(block, read, parse, convert, schema)
                 block, rows = bytearray(), 0
         if nbytes == -2:
-            _raise_pg(pgconn, "COPY")
+            _raise_pg(pgconn, what)
         if rows:
             yield from _parse(block, read, parse, convert, schema)
     finally:
         errors = _finish(pgconn, early=nbytes >= 0)
     if errors:
-        raise TerminalError(f"Postgres COPY failed: {errors}")
+        raise TerminalError(f"Postgres {what} failed: {errors}")
 
 
 def _finish(pgconn: pq.abc.PGconn, early: bool) -> str:

@@ -31,6 +31,9 @@ _AUTH_HINTS = ("password authentication failed", "does not exist", "no pg_hba.co
 def connect(dsn: str, timeout: int = 10, replication: bool = False, what: str = "source") -> psycopg.Connection:
     """An autocommit connection (UTC, ISO dates); vendor errors → Terminal (auth/config) or Transient."""
     kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": timeout, "application_name": "opsloop-ingest"}
+    # COPY output goes to Arrow's CSV reader, which reads UTF-8: have the server convert (LATIN1 …) —
+    # a SQL_ASCII database would otherwise hand out bytes, even for catalog names
+    kwargs["client_encoding"] = "UTF8"
     if replication:
         kwargs["replication"] = "database"
     try:
@@ -141,7 +144,9 @@ class PostgresSource:
         if wm_col is not None and start is not None:
             query = sql.SQL("{} WHERE {} >= {}").format(query, sql.Identifier(wm_col), sql.Literal(start))
         tracker = _MaxTracker(wm_col, before)
-        batches = tracker.track(copy_to_arrow(conn, query, schema, chunk_rows=self.source.chunk_rows))
+        batches = tracker.track(
+            copy_to_arrow(conn, query, schema, chunk_rows=self.source.chunk_rows, what=f"COPY of {info.qualified}")
+        )
         kind = "full" if full or start is None else "incremental"
         sink.load(
             LoadRequest(
@@ -163,7 +168,7 @@ class PostgresSource:
                 sql.SQL(", ").join(c.select_sql() for c in sorted(key_cols, key=lambda c: keys.index(c.name))),
                 info.ident,
             )
-            keyed = copy_to_arrow(conn, key_query, key_schema, chunk_rows=500_000)
+            keyed = copy_to_arrow(conn, key_query, key_schema, chunk_rows=500_000, what=f"key scan of {info.qualified}")
             sink.delete_missing(table, key_schema, keyed, keys)
 
 

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from opsloop.spec import DedupSpec
 
 _IDX = "__opsloop_row"
+_POS = "__opsloop_pos"
 
 
 def _as_table(data: pa.RecordBatch | pa.Table) -> pa.Table:
@@ -32,13 +33,27 @@ def latest_per_key(
     tiebreak: str | None = None,
 ) -> pa.Table:
     """One row per ``keys``: the first by ``order_by`` (DESC = latest wins, NULLs last), then ``tiebreak``
-    DESC, then the later position in the batch. Survivors keep their batch order."""
+    DESC, then the later position in the batch. Survivors keep their batch order.
+
+    A row with a NULL key is no version of another row (a NULL matches nothing, as in the MERGE): it
+    is kept, so the quality gate or the NULL-merge-key check rejects it by name instead of it being
+    collapsed into another NULL-key row here."""
     table = _as_table(data)
     missing = [c for c in (*keys, order_by, tiebreak) if c and c not in table.column_names]
     if missing:
         raise ValueError(f"dedup: column(s) {missing} not in the batch (columns: {table.column_names})")
     if not has_duplicates(table, keys):
         return table
+    keyed = None
+    for k in keys:
+        valid = pc.is_valid(table.column(k))
+        keyed = valid if keyed is None else pc.and_(keyed, valid)
+    if keyed is not None and not pc.all(keyed).as_py():
+        numbered = table.append_column(_POS, pa.array(range(table.num_rows), pa.int64()))
+        kept = latest_per_key(numbered.filter(keyed), keys, order_by, descending, tiebreak).column(_POS)
+        loose = numbered.filter(pc.invert(keyed)).column(_POS)
+        rows = pa.concat_arrays([kept.combine_chunks(), loose.combine_chunks()])
+        return table.take(pc.take(rows, pc.sort_indices(rows)))
     table = table.append_column(_IDX, pa.array(range(table.num_rows), pa.int64()))
     direction = "descending" if descending else "ascending"
     sort = [(order_by, direction, "at_end")] if order_by else []

@@ -72,7 +72,8 @@ def _translate(exc: Exception, where: str) -> Exception:
     low = msg.lower()
     if "could not set lock" in low or "conflicting lock" in low:
         return TransientError(f"DuckDB file {where} is locked by another process: {msg}")
-    if "no space left" in low or "disk full" in low:
+    if "no space left" in low or "disk full" in low or "file too large" in low or "quota exceeded" in low:
+        # before the TransactionException check: a failed commit for want of space is no conflict
         return TerminalError(f"DuckDB {where}: disk full — free space and rerun: {msg}")
     if "read-only" in low or "read only" in low or "permission denied" in low:
         return TerminalError(f"DuckDB {where}: cannot write (read-only or permission denied): {msg}")
@@ -222,13 +223,27 @@ class DuckDBAdapter:
         """Replace ``ref`` with the streamed batches (bounded memory: DuckDB pulls batch by batch)."""
         started = time.perf_counter()
         batches = data.to_batches() if isinstance(data, pa.Table) else data
-        reader = pa.RecordBatchReader.from_batches(schema, batches)
+        raised: list[BaseException] = []
+
+        def pulled() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from batches
+            except BaseException as exc:  # DuckDB wraps it (message + traceback text): keep the original
+                raised.append(exc)
+                raise
+
+        reader = pa.RecordBatchReader.from_batches(schema, pulled())
         self.ensure_dataset(ref.dataset)
-        with self.connect() as con:
-            con.register("_opsloop_src", reader)
-            con.execute(f"CREATE OR REPLACE TABLE {self._sql.table(ref)} AS SELECT * FROM _opsloop_src")
-            con.unregister("_opsloop_src")
-            (rows,) = con.execute(f"SELECT count(*) FROM {self._sql.table(ref)}").fetchone() or (0,)
+        try:
+            with self.connect() as con:
+                con.register("_opsloop_src", reader)
+                con.execute(f"CREATE OR REPLACE TABLE {self._sql.table(ref)} AS SELECT * FROM _opsloop_src")
+                con.unregister("_opsloop_src")
+                (rows,) = con.execute(f"SELECT count(*) FROM {self._sql.table(ref)}").fetchone() or (0,)
+        except Exception as exc:
+            if raised and raised[0] is not exc:
+                raise raised[0] from exc  # e.g. the NULL-merge-key check or a source error, by its own text
+            raise
         return self._record("load", started, str(ref), rows=int(rows))
 
     def append(self, ref: TableRef, data: pa.Table, job_key: str | None = None) -> JobStats:

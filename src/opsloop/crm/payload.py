@@ -1,0 +1,119 @@
+"""Mapped payloads, column at a time: canonical JSON text, hash and push-ready values per batch.
+
+A payload is ``{crm_field: value}`` for one entity. Its canonical text is
+``json.dumps(payload, sort_keys=True, separators=(",", ":"))`` after :func:`jsonable` (timestamps
+as ISO ``…Z`` strings, decimals as floats, NaN/inf as null) and its hash the first 32 hex digits of
+that text's SHA-256 — the values ``_sync_state`` holds. :func:`encode_batch` produces exactly the
+same text and hash for a whole Arrow batch without building a dict per row: each column is encoded
+once (low-cardinality columns — enums, the run's ``scored_at`` — through their dictionary of
+distinct values), the columns are joined element-wise by Arrow, and only the SHA-256 runs per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from datetime import date, datetime
+from decimal import Decimal
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps uses
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from opsloop.crm.base import FieldSpec, iso_z
+
+VALUE_PREFIX = "f:"  # staged candidates carry each mapped value as column "f:<crm field>"
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return iso_z(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def payload_json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def payload_hash(payload: dict[str, Any], text: str | None = None) -> str:
+    text = payload_json(payload) if text is None else text
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def hash_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    sha = hashlib.sha256
+    return pa.array([sha(t.encode()).hexdigest()[:32] for t in texts.to_pylist()], pa.string())
+
+
+def _by_distinct(col: pa.Array, fn: Callable[[Any], str | None]) -> pa.Array:
+    """``fn`` applied once per distinct value, spread back over the column (nulls stay null)."""
+    enc = pc.dictionary_encode(col)
+    mapped = pa.array([fn(v) for v in enc.dictionary.to_pylist()], pa.string())
+    return mapped.take(enc.indices)
+
+
+def _float_json(v: float | None) -> str:
+    return "null" if v is None or not math.isfinite(v) else repr(v)
+
+
+def _generic_json(v: Any) -> str:
+    return json.dumps(jsonable(v), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def encode_column(col: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(JSON text of each value, the value as it is pushed) for one mapped column."""
+    t = col.type
+    if pa.types.is_floating(t):
+        clean = pc.if_else(pc.is_finite(col), col, pa.scalar(None, t))
+        return pa.array([_float_json(v) for v in col.to_pylist()], pa.string()), clean
+    if pa.types.is_decimal(t):
+        as_float = col.cast(pa.float64())
+        return encode_column(as_float)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        text = _by_distinct(col, encode_basestring_ascii)
+        return pc.fill_null(text, "null"), col.cast(pa.string())
+    if pa.types.is_boolean(t):
+        text = pc.if_else(col, pa.scalar("true"), pa.scalar("false"))
+        return pc.fill_null(text, "null"), col
+    if pa.types.is_integer(t):
+        return pc.fill_null(col.cast(pa.string()), "null"), col.cast(pa.int64())
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        iso = _by_distinct(col, iso_z)
+        return pc.fill_null(_by_distinct(iso, encode_basestring_ascii), "null"), iso
+    values = [jsonable(v) for v in col.to_pylist()]
+    return pa.array([_generic_json(v) for v in values], pa.string()), pa.array(
+        [None if v is None else str(v) for v in values], pa.string()
+    )
+
+
+def encode_batch(table: pa.Table, fields: list[FieldSpec]) -> tuple[pa.Array, pa.Array, dict[str, pa.Array]]:
+    """(canonical JSON texts, their hashes, {crm field: push-ready values}) for one batch."""
+    parts: list[Any] = []
+    values: dict[str, pa.Array] = {}
+    for i, f in enumerate(sorted(fields, key=lambda f: f.crm_name)):
+        col = table.column(f.column).combine_chunks()
+        text, value = encode_column(col)
+        values[f.crm_name] = value
+        parts += [("{" if i == 0 else ",") + encode_basestring_ascii(f.crm_name) + ":", text]
+    if not parts:
+        texts = pa.array(["{}"] * table.num_rows, pa.string())
+    else:
+        texts = pc.binary_join_element_wise(*parts, "}", "")
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    return texts, hash_texts(texts), {f.crm_name: values[f.crm_name] for f in fields}
+
+
+def payload_rows(values: dict[str, pa.Array], indices: list[int] | None = None) -> list[dict[str, Any]]:
+    """Python payload dicts for (some) rows — for samples, review logs and the significance rule."""
+    names = list(values)
+    take = None if indices is None else pa.array(indices, pa.int64())
+    cols = [(values[n] if take is None else values[n].take(take)).to_pylist() for n in names]
+    return [dict(zip(names, row, strict=True)) for row in zip(*cols, strict=True)] if cols else []
