@@ -14,9 +14,12 @@ export OPSLOOP_REPO := $(CURDIR)
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --no-sync
 PYTEST_ARGS ?=
+# the suite waits on real servers and worker processes much of the time, so two pytest workers (each with
+# its own Postgres, Prefect server and MLflow) run test files side by side
+TEST_WORKERS ?= 2
 
 .PHONY: help setup demo deploy stack-up stack-down stack-status bootstrap test test-fast lint typecheck security \
-        bench clean
+        bench bench-load clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -54,7 +57,7 @@ security: ## bandit over the shipped code, fail on high severity
 	$(RUN) bandit -q -r src/opsloop flows tasks blocks -lll
 
 test: setup test-deps lint typecheck security ## the full suite (what CI runs)
-	$(RUN) pytest $(PYTEST_ARGS)
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-fast: ## inner loop: unit + contract tests, no slow/e2e
 	$(RUN) pytest -m "not slow and not e2e" -x -q $(PYTEST_ARGS)
@@ -64,6 +67,10 @@ test-deps: ## system packages and sidecar venvs the tests start (idempotent)
 
 bench: setup ## benchmarks → docs/benchmarks.md
 	$(RUN) python -m benchmarks.run_all
+
+LOAD_ARGS ?= --customers 1000000 --transactions 10000000
+bench-load: setup ## the nightly flow on 1M customers / 10M transactions (own stack; ~1 h) → docs/benchmarks.md
+	$(RUN) python -m benchmarks.load $(LOAD_ARGS)
 
 clean: stack-down ## stop the stack and delete local data
 	rm -rf $(OPSLOOP_HOME)

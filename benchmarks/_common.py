@@ -23,6 +23,7 @@ class Measured:
     seconds: float
     peak_rss_mb: float
     stdout: str
+    cpu_seconds: float = 0.0  # the child's user + system CPU (all its threads)
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Measured:
@@ -38,7 +39,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | 
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-4000:]}")
-    return Measured(seconds, usage.ru_maxrss / 1024, out.decode())
+    return Measured(seconds, usage.ru_maxrss / 1024, out.decode(), usage.ru_utime + usage.ru_stime)
 
 
 def machine() -> str:

@@ -12,7 +12,9 @@ show its peak RSS stays flat. Every load runs in its own child process (wall tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -35,8 +37,6 @@ FILL = (
 
 # -- the child processes -----------------------------------------------------------------------
 def child_opsloop(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     from opsloop.ingest import ingest_source
     from opsloop.sources.postgres import PostgresSource
     from opsloop.spec import parse_spec
@@ -70,8 +70,6 @@ def child_opsloop(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_dlt(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     os.environ["RUNTIME__LOG_LEVEL"] = "ERROR"
     import dlt
     from dlt.sources.sql_database import sql_table
@@ -140,11 +138,41 @@ def _change(dsn: str, table: str, rows: int, change: int) -> dict[str, int]:
     return {"updates": updates, "inserts": inserts, "deletes": deletes}
 
 
-def _measure(kind: str, args: list[str]) -> dict[str, Any]:
+def _pg_cpu(cluster: Any) -> float | None:
+    """CPU seconds the local Postgres has used so far: the postmaster's own and its reaped backends'
+    (``cutime``/``cstime``) plus its live children's (Linux ``/proc``; None elsewhere)."""
+    try:
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def stat(p: int | str) -> list[str]:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+        total = sum(int(x) for x in stat(pid)[11:15])  # utime stime cutime cstime
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    fields = stat(entry)
+                    if int(fields[1]) == pid:
+                        total += int(fields[11]) + int(fields[12])
+        return total / tick
+    except (OSError, ValueError):
+        return None
+
+
+def _measure(kind: str, args: list[str], cluster: Any = None) -> dict[str, Any]:
+    before = _pg_cpu(cluster) if cluster is not None else None
     m = run_measured([sys.executable, "-m", "benchmarks.ingest", "child", kind, *args])
+    after = _pg_cpu(cluster) if cluster is not None else None
     out = json.loads(m.stdout.strip().splitlines()[-1])
-    out.update(seconds=m.seconds, peak_rss_mb=m.peak_rss_mb)
+    out.update(seconds=m.seconds, peak_rss_mb=m.peak_rss_mb, cpu_seconds=m.cpu_seconds)
+    out["pg_cpu_seconds"] = after - before if before is not None and after is not None else None
     return out
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the lowest wall time (the machine is shared: the others waited for CPU longer)."""
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--big", type=int, default=5_000_000, help="source rows of the RSS check (0 = skip)")
     ap.add_argument("--dlt", default="pyarrow,connectorx", help="dlt backends to compare")
     ap.add_argument("--memory-limit", default="256MB", help="DuckDB memory_limit of opsloop's warehouse block")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat fill → initial loads → change → incremental loads")
+    ap.add_argument("--only", default="", help="comma-separated tool/mode subset, e.g. opsloop/cdc,dlt/connectorx")
+    ap.add_argument("--no-doc", action="store_true", help="print the figures, leave docs/benchmarks.md alone")
     args = ap.parse_args(argv if argv is not None else [])  # make bench / run_all: the defaults
     from opsloop.devstack.postgres import PgCluster, free_port
 
@@ -162,43 +193,87 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True)
     cluster = PgCluster(work / "pg", free_port(), settings={"fsync": "off", "shared_buffers": "256MB"})
     cluster.start()
+    load = [os.getloadavg()[0]]
     try:
         dsn = cluster.create_database("bench")
-        fill_s = _fill(dsn, "events", args.rows)
         contenders = [("opsloop", "cdc"), ("opsloop", "watermark")] + [("dlt", b) for b in args.dlt.split(",") if b]
-        results: dict[tuple[str, str], dict[str, Any]] = {}
-        for tool, mode in contenders:
-            db = str(work / f"{tool}-{mode}.duckdb")
-            extra = ["--slot", f"bench_{mode}", "--memory-limit", args.memory_limit] if tool == "opsloop" else []
-            common = ["--dsn", dsn, "--table", "events", "--db", db, "--mode", mode, *extra]
-            results[(tool, mode)] = {"initial": _measure(tool, [*common, "--phase", "initial"]), "common": common}
-            print(f"initial {tool}/{mode}: {results[(tool, mode)]['initial']}", flush=True)
-        changed = _change(dsn, "events", args.rows, args.change)
-        source_rows = _count(dsn, "events")
-        for key, r in results.items():
-            r["incremental"] = _measure(key[0], [*r["common"], "--phase", "incremental"])
-            print(f"incremental {key}: {r['incremental']}", flush=True)
+        if args.only:
+            contenders = [c for c in contenders if "/".join(c) in args.only.split(",")]
+        runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {
+            c: {"initial": [], "incremental": []} for c in contenders
+        }
+        for n in range(args.rounds):
+            order = contenders if n % 2 == 0 else contenders[::-1]  # alternate who runs first
+            fill_s, changed, source_rows = _round(args, dsn, work, order, runs, cluster)
+            load.append(os.getloadavg()[0])
+        results = {c: {"initial": _best(r["initial"]), "incremental": _best(r["incremental"])} for c, r in runs.items()}
         big: dict[str, Any] | None = None
         if args.big:
             _fill(dsn, "events_big", args.big)
             db = str(work / "opsloop-big.duckdb")
             big = _measure("opsloop", ["--dsn", dsn, "--table", "events_big", "--db", db, "--mode", "cdc",
                                        "--slot", "bench_big", "--phase", "initial",
-                                       "--memory-limit", args.memory_limit])  # fmt: skip
+                                       "--memory-limit", args.memory_limit], cluster)  # fmt: skip
             print(f"initial opsloop/cdc at {args.big}: {big}", flush=True)
-        body = report(args, results, changed, source_rows, big, fill_s)
+            load.append(os.getloadavg()[0])
+        body = report(args, results, changed, source_rows, big, fill_s, load)
         print(body)
-        write_section("ingest", body, f"python -m benchmarks.ingest --rows {args.rows} --change {args.change} "
-                                      f"--big {args.big}")  # fmt: skip
+        command = f"python -m benchmarks.ingest --rows {args.rows} --change {args.change} --big {args.big}"
+        command += f" --rounds {args.rounds}" + (f" --only {args.only}" if args.only else "")
+        if not args.no_doc:
+            write_section("ingest", body, command)
     finally:
         cluster.stop()
+
+
+def _round(
+    args: argparse.Namespace,
+    dsn: str,
+    work: Path,
+    contenders: list[tuple[str, str]],
+    runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]],
+    cluster: Any,
+) -> tuple[float, dict[str, int], int]:
+    """One fresh source table, every contender's initial load into a fresh warehouse, one change,
+    every contender's incremental load."""
+    fill_s = _fill(dsn, "events", args.rows)
+    common: dict[tuple[str, str], list[str]] = {}
+    for tool, mode in contenders:
+        db = work / f"{tool}-{mode}.duckdb"
+        for old in (db, db.with_suffix(".duckdb.wal"), work / f"dlt-{mode}"):
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        extra = ["--slot", f"bench_{mode}", "--memory-limit", args.memory_limit] if tool == "opsloop" else []
+        common[(tool, mode)] = ["--dsn", dsn, "--table", "events", "--db", str(db), "--mode", mode, *extra]
+        m = _measure(tool, [*common[(tool, mode)], "--phase", "initial"], cluster)
+        runs[(tool, mode)]["initial"].append(m)
+        print(f"initial {tool}/{mode}: {m}", flush=True)
+    changed = _change(dsn, "events", args.rows, args.change)
+    source_rows = _count(dsn, "events")
+    for key in contenders:
+        m = _measure(key[0], [*common[key], "--phase", "incremental"], cluster)
+        m["source_rows"] = source_rows
+        runs[key]["incremental"].append(m)
+        print(f"incremental {key}: {m}", flush=True)
+    return fill_s, changed, source_rows
 
 
 def _cmp(ops: dict[str, Any], dlts: list[dict[str, Any]], phase: str) -> str:
     fastest = min(d[phase]["seconds"] for d in dlts)
     low_rss = min(d[phase]["peak_rss_mb"] for d in dlts)
+    low_cpu = min(_cpu(d[phase]) for d in dlts)
     speed = fastest / ops[phase]["seconds"]
-    return f"{phase} **{speed:.1f}×** the rows/s, peak RSS {ops[phase]['peak_rss_mb'] / low_rss:.0%} of dlt's"
+    return (
+        f"{phase} **{speed:.1f}×** the rows/s (CPU: {low_cpu / _cpu(ops[phase]):.1f}× less), "
+        f"peak RSS {ops[phase]['peak_rss_mb'] / low_rss:.0%} of dlt's"
+    )
+
+
+def _cpu(m: dict[str, Any]) -> float:
+    """Client CPU + the Postgres CPU the load caused."""
+    return float(m["cpu_seconds"]) + float(m.get("pg_cpu_seconds") or 0.0)
 
 
 def report(
@@ -208,8 +283,10 @@ def report(
     source_rows: int,
     big: dict[str, Any] | None,
     fill_s: float,
+    load: list[float],
 ) -> str:
     c = changed
+    rounds = f"best wall of {args.rounds} rounds per contender, with that run's CPU" if args.rounds > 1 else "one round"
     lines = [
         "## Ingest: Postgres → DuckDB (opsloop vs dlt)",
         "",
@@ -219,38 +296,48 @@ def report(
         "`updated_at` + primary-key scan for deletes. dlt = `sql_table` with the named backend, "
         "`incremental('updated_at')`, `write_disposition='merge'`, into DuckDB. Every load is its own child "
         "process: s = wall seconds including interpreter start and imports (work s = the load call alone); "
-        "rows/s = rows read (initial) or rows changed (incremental) per wall second. opsloop's DuckDB block: "
-        f"memory_limit={args.memory_limit}, otherwise defaults.",
+        "rows/s = rows read (initial) or rows changed (incremental) per wall second; CPU s = the child's "
+        "user + system CPU + the Postgres server CPU during the load. opsloop's DuckDB block: "
+        f"memory_limit={args.memory_limit}, otherwise defaults. Figures: {rounds}.",
         "",
-        "| tool | mode | initial s (work s) | rows/s | peak RSS MB | incremental s (work s) | rows/s | peak RSS MB "
-        "| rows after | correct |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| tool | mode | initial s (work s) | rows/s | CPU s (client + PG) | peak RSS MB | incremental s (work s) "
+        "| rows/s | CPU s (client + PG) | peak RSS MB | rows after | correct |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (tool, mode), r in results.items():
         i, n = r["initial"], r["incremental"]
         ok = "yes" if n["target_rows"] == source_rows else f"no ({n['target_rows'] - source_rows:+,})"
         lines.append(
             f"| {tool} | {mode} | {i['seconds']:.1f} ({i['inner_seconds']:.1f}) | {args.rows / i['seconds']:,.0f} "
+            f"| {_cpu(i):.1f} ({i['cpu_seconds']:.1f} + {i.get('pg_cpu_seconds') or 0:.1f}) "
             f"| {i['peak_rss_mb']:.0f} | {n['seconds']:.1f} ({n['inner_seconds']:.1f}) | "
-            f"{args.change / n['seconds']:,.0f} | {n['peak_rss_mb']:.0f} | {n['target_rows']:,} | {ok} |"
+            f"{args.change / n['seconds']:,.0f} | {_cpu(n):.1f} ({n['cpu_seconds']:.1f} + "
+            f"{n.get('pg_cpu_seconds') or 0:.1f}) | {n['peak_rss_mb']:.0f} | {n['target_rows']:,} | {ok} |"
         )
     dlts = [v for k, v in results.items() if k[0] == "dlt"]
     if dlts:
         lines.append("")
         for mode in ("cdc", "watermark"):
-            ops = results[("opsloop", mode)]
-            lines.append(f"- opsloop `{mode}` vs the best dlt backend: {_cmp(ops, dlts, 'initial')}; "
-                         f"{_cmp(ops, dlts, 'incremental')}.")  # fmt: skip
+            if ("opsloop", mode) in results:
+                ops = results[("opsloop", mode)]
+                lines.append(f"- opsloop `{mode}` vs the best dlt backend: {_cmp(ops, dlts, 'initial')}; "
+                             f"{_cmp(ops, dlts, 'incremental')}.")  # fmt: skip
         lines.append("- dlt's cursor cannot see hard deletes, hence its extra rows after the change.")
-    if big:
+    if big and ("opsloop", "cdc") in results:
         init = results[("opsloop", "cdc")]["initial"]
         lines += [
             "",
             f"opsloop (cdc) initial load at {args.big:,} source rows: {big['seconds']:.1f} s "
-            f"({args.big / big['seconds']:,.0f} rows/s), peak RSS **{big['peak_rss_mb']:.0f} MB** "
-            f"(vs {init['peak_rss_mb']:.0f} MB at {args.rows:,}).",
+            f"({args.big / big['seconds']:,.0f} rows/s, CPU {_cpu(big):.1f} s), peak RSS "
+            f"**{big['peak_rss_mb']:.0f} MB** (vs {init['peak_rss_mb']:.0f} MB at {args.rows:,}).",
         ]
-    lines += ["", f"(Filling the source took {fill_s:.0f} s; the machine was shared with other test runs.)"]
+    loads = ", ".join(f"{x:.1f}" for x in load)
+    lines += [
+        "",
+        f"(Filling the source took {fill_s:.0f} s. The machine (2 cores) was shared with other engineers' test "
+        f"runs: 1-minute load average {loads} at the start / after each round; wall-clock ratios are noisy, "
+        "the CPU columns less so.)",
+    ]
     return "\n".join(lines)
 
 

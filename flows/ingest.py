@@ -12,9 +12,11 @@ from opsloop.errors import ConfigError
 from opsloop.ingest.report import combine, report_markdown, report_rows
 from opsloop.spec import load_spec
 from tasks.ingest import ingest_source_task
+from tasks.lease import pipeline_lease
 
 
 @flow(name="ingest", log_prints=True, description="Sources → quality gates → PII → MERGE + state, per source.")
+@pipeline_lease()  # one run of the pipeline at a time (docs/reliability.md#overlap)
 def ingest(
     spec_path: str = "pipelines/customer_ops_ai.yaml",
     warehouse: str = "opsloop-duckdb/local",

@@ -26,6 +26,7 @@ from prefect.utilities.urls import url_for
 from opsloop.runbooks import advice
 from opsloop.runsummary import StageOutcome, final_verdict, pick, stage_rows, summary_markdown
 from opsloop.spec import load_spec
+from tasks.lease import pipeline_lease
 from tasks.stages import (
     Progress,
     StageDef,
@@ -109,6 +110,7 @@ def _report(spec_path: str, warehouse: str, outcomes: list[StageOutcome]) -> tup
     log_prints=True,
     description="ingest → (train when triggered) → score → sync → cost/KPI report; stops at the first failed gate.",
 )
+@pipeline_lease()  # the whole run holds the pipeline; its stage subflows re-enter the lease
 def nightly(
     spec_path: str = "pipelines/customer_ops_ai.yaml",
     warehouse: str = "opsloop-duckdb/local",

@@ -21,6 +21,7 @@ from opsloop.errors import ConfigError, TerminalError
 from opsloop.ml.features import latest_as_of
 from opsloop.spec import load_spec
 from tasks.common import flow_run_id
+from tasks.lease import pipeline_lease
 from tasks.ml import build_feature_snapshot, model_spec
 from tasks.score import apply_review, check_drift, pending_review, score_one_partition
 
@@ -95,6 +96,7 @@ def _review(spec_path: str, warehouse: str, batch: str, timeout: int, default: s
 
 
 @flow(name="score", log_prints=True)
+@pipeline_lease()  # one run of the pipeline at a time (docs/reliability.md#overlap)
 def score_customers(
     spec_path: str = "pipelines/customer_ops_ai.yaml",
     warehouse: str = "opsloop-duckdb/local",

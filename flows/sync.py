@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from opsloop.errors import ConfigError
 from opsloop.spec import load_spec
+from tasks.lease import pipeline_lease
 from tasks.sync import push_crm_destination
 
 COLUMNS = (
@@ -28,6 +29,7 @@ COLUMNS = (
 
 
 @flow(name="sync", log_prints=True)
+@pipeline_lease()  # one run of the pipeline at a time (docs/reliability.md#overlap)
 def sync_predictions(
     spec_path: str = "pipelines/customer_ops_ai.yaml",
     warehouse: str = "opsloop-duckdb/local",

@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from opsloop.spec import load_spec
+from tasks.lease import pipeline_lease
 from tasks.ml import build_feature_snapshot, consume_retrain_triggers, model_spec, train_register_model
 
 
@@ -54,6 +55,7 @@ def _report(spec_name: str, out: dict[str, Any]) -> str:
 
 
 @flow(name="train", log_prints=True)
+@pipeline_lease()  # one run of the pipeline at a time (docs/reliability.md#overlap)
 def train_model(
     spec_path: str = "pipelines/customer_ops_ai.yaml",
     warehouse: str = "opsloop-duckdb/local",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import re
@@ -28,7 +27,7 @@ from starlette.routing import Route
 
 from sandbox.defaults import HUBSPOT, SALESFORCE
 from sandbox.runtime import Fault, Sandbox
-from sandbox.util import hs_error, json_response, sf_error
+from sandbox.util import hs_error, json_response, loads, sf_error
 
 log = logging.getLogger("sandbox")
 
@@ -91,7 +90,7 @@ class BadRequest(Exception):
 async def read_json(request: Request, vendor: str) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw or b"null")
+        return loads(raw or b"null")
     except ValueError as exc:
         if vendor == SALESFORCE:
             raise BadRequest(sf_error(400, "JSON_PARSER_ERROR", f"Unexpected character: {exc}")) from exc

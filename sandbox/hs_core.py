@@ -8,6 +8,7 @@ failure rules or missing ids are reported in a 207 ``errors[]``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from sandbox.app import BadRequest
@@ -87,22 +88,61 @@ def normalize(defn: dict[str, Any] | None, name: str, value: Any) -> tuple[str |
     return text, None
 
 
+def normalizer(defn: dict[str, Any] | None, name: str) -> Callable[[Any], tuple[str | None, dict[str, Any] | None]]:
+    """:func:`normalize` for one property, answering the common cases (a float for a number, a
+    string for a text property, a known option) without the general dispatch."""
+    if defn is None or defn.get("modificationMetadata", {}).get("readOnlyValue"):
+        return lambda value: normalize(defn, name, value)
+    t = defn["type"]
+    if t == "number":
+
+        def number(value: Any) -> tuple[str | None, dict[str, Any] | None]:
+            if type(value) is float:
+                return repr(value), None
+            return normalize(defn, name, value)
+
+        return number
+    if t == "enumeration" and defn.get("fieldType") != "checkbox":
+        allowed = {o["value"] for o in defn.get("options", [])}
+
+        def option(value: Any) -> tuple[str | None, dict[str, Any] | None]:
+            if type(value) is str and value in allowed:
+                return value, None
+            return normalize(defn, name, value)
+
+        return option
+    if t not in ("number", "enumeration", "datetime", "date", "bool"):
+
+        def text(value: Any) -> tuple[str | None, dict[str, Any] | None]:
+            if type(value) is str and value and len(value) <= 65536:
+                return value, None
+            return normalize(defn, name, value)
+
+        return text
+    return lambda value: normalize(defn, name, value)
+
+
 def validate_batch(sb: Sandbox, obj: str, inputs: list[dict[str, Any]]) -> list[dict[str, str | None]]:
     """Normalised properties per input; any problem fails the whole request (400)."""
     props = sb.fields(HUBSPOT, obj)
     out: list[dict[str, str | None]] = []
     problems: list[dict[str, Any]] = []
+    plan: dict[str, tuple[str, Callable[[Any], tuple[str | None, dict[str, Any] | None]]]] = {}
     for item in inputs:
         given = item.get("properties") or {}
         if not isinstance(given, dict):
             raise BadRequest(hs_error(400, "VALIDATION_ERROR", "properties must be an object"))
         norm: dict[str, str | None] = {}
         for k, v in given.items():
-            value, problem = normalize(props.get(k.lower()), k, v)
+            step = plan.get(k)
+            if step is None:
+                defn = props.get(k.lower())
+                step = plan[k] = (defn["name"] if defn else k, normalizer(defn, k))
+            value, problem = step[1](v)
             if problem:
                 problems.append(problem)
             else:
-                norm[props[k.lower()]["name"]] = value
+                norm[step[0]] = value
         out.append(norm)
     if problems:
         raise BadRequest(
@@ -139,11 +179,9 @@ def find(sb: Sandbox, obj: str, id_property: str, values: list[str]) -> dict[str
     if id_property == "hs_object_id":
         recs = sb.store.get_many(HUBSPOT, obj, [str(v) for v in values])
         return {k.lower(): r for k, r in recs.items() if not r.deleted}
-    hits = sb.store.lookup(HUBSPOT, obj, id_property, values)
-    recs = sb.store.get_many(HUBSPOT, obj, sorted({i for ids in hits.values() for i in ids}))
     out: dict[str, Rec] = {}
-    for value, ids in hits.items():
-        live = [recs[i] for i in ids if i in recs and not recs[i].deleted]
+    for value, holders in sb.store.lookup_records(HUBSPOT, obj, id_property, values).items():
+        live = [r for r in holders if not r.deleted]  # holders come in id order
         if live:
             out[value] = live[0]
     return out
@@ -206,15 +244,11 @@ def render(sb: Sandbox, obj: str, rec: Rec, names: list[str] | None = None, *, w
 def written(rec: Rec, props: dict[str, str | None], id_property: str, key: str, is_new: bool) -> dict[str, Any]:
     """A batch-upsert result item: the properties written, the id property and the system ones."""
     created, modified = hs_time(rec.created), hs_time(rec.modstamp)
-    out = {k: v for k, v in props.items()}
-    out.update(
-        {
-            id_property: rec.data.get(id_property, key),
-            "hs_object_id": rec.id,
-            "createdate": created,
-            "lastmodifieddate": modified,
-        }
-    )
+    out = dict(props)
+    out[id_property] = rec.data.get(id_property, key)
+    out["hs_object_id"] = rec.id
+    out["createdate"] = created
+    out["lastmodifieddate"] = modified
     return {
         "id": rec.id,
         "properties": out,

@@ -15,7 +15,7 @@ from sandbox.app import BadRequest, Router, read_json
 from sandbox.defaults import HUBSPOT, hs_property
 from sandbox.hs_search import search
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec
+from sandbox.store import Rec, key_values
 from sandbox.util import hs_error, hs_time, json_response
 
 P = r"/crm/v3/properties/(?P<obj>[\w-]+)"
@@ -165,6 +165,12 @@ def register(r: Router) -> None:
         for idp in set(id_props):
             vals = [k for k, p in zip(keys, id_props, strict=True) if p == idp]
             found.update({(idp, v): rec for v, rec in core.find(sb, name, idp, vals).items()})
+        key_fields = sb.key_fields(HUBSPOT, name)
+        # a key property written (other than the id property a record was matched on): compare keys
+        written_keys = {k for p in props for k in p} & set(key_fields)
+        old_keys = (
+            {rec.id: key_values(rec, key_fields) for rec in found.values()} if written_keys else None
+        )  # taken before any change
         results, errors, writes = [], [], []
         fresh = iter(
             core.new_ids(
@@ -185,14 +191,21 @@ def register(r: Router) -> None:
                     continue
                 rec = core.new_record(sb, started, next(fresh))
                 p = {**p, idp: key}
-            rule = sb.record_failure(HUBSPOT, name, {**rec.data, **{k: v for k, v in p.items() if v is not None}}, key)
-            if rule is not None:
-                errors.append(core.record_error(rule.message, [key], code=rule.error_code))
-                continue
+            if sb.rules:
+                merged = {**rec.data, **{k: v for k, v in p.items() if v is not None}}
+                rule = sb.record_failure(HUBSPOT, name, merged, key)
+                if rule is not None:
+                    errors.append(core.record_error(rule.message, [key], code=rule.error_code))
+                    continue
             core.apply(rec, p, started)
             writes.append(rec)
             results.append(core.written(rec, p, idp, key, is_new))
-        _write(sb, name, writes)
+        existing = {rec.id for rec in found.values()}
+        with sb.store.tx() as tx:
+            if old_keys is not None:
+                tx.write(HUBSPOT, name, writes, key_fields, old_keys)
+            else:  # only new records (their id property) get key index rows
+                tx.write(HUBSPOT, name, writes, key_fields, reindex=[r for r in writes if r.id not in existing])
         return json_response(core.batch_envelope(sb, results, errors, started), 207 if errors else 200)
 
     @r.add(HUBSPOT, "POST", O + r"/batch/update", "hs.batch_update", write=True)

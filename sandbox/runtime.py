@@ -78,8 +78,14 @@ class RecordRule:
         return hit
 
 
+_DAY: list[Any] = [0.0, ""]  # (valid until, day) — the UTC day changes at most once a second's check
+
+
 def _today() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d")
+    now = time.time()
+    if now >= _DAY[0]:
+        _DAY[0], _DAY[1] = now + 1.0, datetime.now(UTC).strftime("%Y-%m-%d")
+    return str(_DAY[1])
 
 
 class Sandbox:

@@ -225,28 +225,25 @@ def _process(sb: Sandbox, info: dict[str, Any]) -> None:
         sb.store.job_put(info, unprocessed=upload)
         return
     canon = [names[h] for h in header]
+    width = len(canon)
     ok_rows: list[list[Any]] = []
     bad_rows: list[list[Any]] = []
     for start in range(0, len(rows), BATCH):
         chunk = rows[start : start + BATCH]
-        dicts: list[dict[str, Any]] = []
         shape_errors: dict[int, str] = {}
+        dicts: list[dict[str, Any]] = []
         for i, row in enumerate(chunk):
-            if len(row) != len(canon):
-                shape_errors[i] = f"TOO_MANY_OR_FEW_COLUMNS:wrong number of columns ({len(row)} of {len(canon)}): --"
-                dicts.append({})
+            if len(row) != width:
+                shape_errors[i] = f"TOO_MANY_OR_FEW_COLUMNS:wrong number of columns ({len(row)} of {width}): --"
                 continue
             dicts.append({c: (None if v == "#N/A" else v) for c, v in zip(canon, row, strict=True) if v != ""})
-        valid = [i for i in range(len(chunk)) if i not in shape_errors]
-        results = (
-            write_rows(sb, info["object"], [dicts[i] for i in valid], op, info["externalIdFieldName"]) if valid else []
-        )
-        by_index = dict(zip(valid, results, strict=True))
+        results = write_rows(sb, info["object"], dicts, op, info["externalIdFieldName"]) if dicts else []
+        done = iter(results)
         for i, row in enumerate(chunk):
-            if i in shape_errors:
+            if shape_errors and i in shape_errors:
                 bad_rows.append(["", shape_errors[i], *row])
                 continue
-            res = by_index[i]
+            res = next(done)
             if res.success:
                 ok_rows.append([res.id or "", "true" if res.created else "false", *row])
             else:

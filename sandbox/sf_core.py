@@ -8,7 +8,6 @@ Per-row outcomes come back as ``{id, success, created, errors:[{statusCode, mess
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from sandbox.defaults import SALESFORCE, SF_PREFIX, SF_SYSTEM
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec, key_set
+from sandbox.store import Rec, key_values
 from sandbox.util import parse_sf_datetime, parse_ts, sf_id, sf_time
 
 SYSTEM_LOWER = {s.lower() for s in SF_SYSTEM}
@@ -34,7 +33,7 @@ class FieldError(Exception):
         self.fields = fields
 
 
-@dataclass
+@dataclass(slots=True)
 class RowResult:
     id: str | None = None
     success: bool = True
@@ -124,8 +123,10 @@ def coercer(defn: dict[str, Any]) -> Callable[[Any], Any]:
             if kind is float:
                 return value
             if kind is str:
-                with contextlib.suppress(ValueError):
+                try:
                     return float(value)
+                except ValueError:
+                    pass
             return coerce(defn, value)
 
         return number
@@ -176,6 +177,8 @@ def record_json(sb: Sandbox, obj: str, rec: Rec, ver: str, names: list[str] | No
 
 
 def new_ids(sb: Sandbox, obj: str, n: int) -> list[str]:
+    if n <= 0:
+        return []
     prefix = SF_PREFIX.get(obj.lower(), "a00")
     first = sb.store.next_seq(f"sf:{prefix}", n)
     return [sf_id(prefix, first + i) for i in range(n)]
@@ -189,16 +192,25 @@ def write_rows(
     ext_field: str | None = None,
     all_or_none: bool = False,
 ) -> list[RowResult]:
-    """Apply ``op`` (insert | update | upsert | delete) to ``rows``; see the module docstring."""
+    """Apply ``op`` (insert | update | upsert | delete) to ``rows``; see the module docstring.
+
+    Every row is validated on its own (external id present and unique in the request and in the
+    org, each value coerced to its field's type, read-only / required fields, failure rules); the
+    rows that pass are written in one transaction. Plumbing only is shared per request: the field
+    plan, one indexed lookup for all external ids, one ``executemany``, and the key index touched
+    only for records whose key values can have changed."""
     fs = sb.fields(SALESFORCE, obj)
-    names = canonical_fields(sb, obj, sorted({k for r in rows for k in r}))
-    if all(k == v for k, v in names.items()):
-        rows = [{k: v for k, v in r.items() if k != "attributes"} for r in rows]
-    else:
+    given: set[str] = set().union(*rows) if rows else set()
+    names = canonical_fields(sb, obj, sorted(given))
+    if any(k != v for k, v in names.items()):
         rows = [{names[k]: v for k, v in r.items() if k != "attributes"} for r in rows]
-    results = [RowResult() for _ in rows]
+    elif "attributes" in given:
+        rows = [{k: v for k, v in r.items() if k != "attributes"} for r in rows]
+    n = len(rows)
+    results = [RowResult() for _ in range(n)]
     existing: dict[str, Rec] = {}
-    targets: list[str | None] = [None] * len(rows)
+    targets: list[str | None] = [None] * n
+    lows: list[str | None] = []
     if op in ("update", "delete"):
         for i, r in enumerate(rows):
             targets[i] = str(r.get("Id") or "") or None
@@ -208,39 +220,46 @@ def write_rows(
     elif op == "upsert":
         ext = fs[str(ext_field).lower()]["name"]
         values = [r.get(ext) for r in rows]
+        lows = [None if v is None or v == "" else str(v).lower() for v in values]
+        found: dict[str, list[str]] = {}
         if ext == "Id":
             existing = sb.store.get_many(SALESFORCE, obj, [str(v) for v in values if v])
-            found = {k.lower(): [k] for k in existing}
+            found = {k.lower(): [k] for k, r in existing.items() if not r.deleted}
         else:
-            hits = sb.store.lookup_records(SALESFORCE, obj, ext, [str(v) for v in values if v not in (None, "")])
-            existing = {r.id: r for recs in hits.values() for r in recs}
-            found = {k: [r.id for r in v] for k, v in hits.items()}
-        live = {k: [i for i in v if i in existing and not existing[i].deleted] for k, v in found.items()}
-        found = {k: v for k, v in live.items() if v}
-        lows = [None if v in (None, "") else str(v).lower() for v in values]
-        seen = Counter(x for x in lows if x is not None)
-        for i, (v, low) in enumerate(zip(values, lows, strict=True)):
+            hits = sb.store.lookup_records(SALESFORCE, obj, ext, [x for x in lows if x is not None])
+            for key, recs in hits.items():
+                for held in recs:
+                    existing[held.id] = held
+                live = [held.id for held in recs if not held.deleted]
+                if live:
+                    found[key] = live
+        present = [x for x in lows if x is not None]
+        dupes = {k for k, c in Counter(present).items() if c > 1} if len(set(present)) != len(present) else set()
+        for i, low in enumerate(lows):
             if low is None:
                 results[i].fail("MISSING_ARGUMENT", f"{ext} not specified", [ext])
-            elif seen[low] > 1:
-                results[i].fail("DUPLICATE_VALUE", f"Duplicate external id specified: {v}", [ext])
-            elif len(found.get(low, ())) > 1:
-                msg = f"{ext}: more than one record found for external id field: {found[low]}"
-                results[i].fail("DUPLICATE_EXTERNAL_ID", msg, [ext])
+            elif low in dupes:
+                results[i].fail("DUPLICATE_VALUE", f"Duplicate external id specified: {values[i]}", [ext])
             else:
-                targets[i] = (found.get(low) or [None])[0]
+                ids = found.get(low)
+                if ids is not None and len(ids) > 1:
+                    msg = f"{ext}: more than one record found for external id field: {ids}"
+                    results[i].fail("DUPLICATE_EXTERNAL_ID", msg, [ext])
+                elif ids is not None:
+                    targets[i] = ids[0]
     now = sb.now_ms()
-    plan = _Plan(sb, fs, obj, ext_field, {k for r in rows for k in r})
+    plan = _Plan(sb, fs, obj, ext_field, {names.get(k, k) for k in given})
     ext_name = fs[ext_field.lower()]["name"] if ext_field and op == "upsert" else None
-    fresh = iter(new_ids(sb, obj, sum(1 for i, t in enumerate(targets) if t is None and results[i].success)))
+    fresh = iter(new_ids(sb, obj, sum(1 for t, r in zip(targets, results, strict=True) if t is None and r.success)))
     writes: list[Rec] = []
+    checked = op in ("update", "delete")
     for i, row in enumerate(rows):
         res = results[i]
         if not res.success:
             continue
         target = targets[i]
         old = existing.get(target) if target else None
-        if op in ("update", "delete") and (old is None or (old.deleted and op == "update")):
+        if checked and (old is None or (old.deleted and op == "update")):
             res.fail(
                 "ENTITY_IS_DELETED" if old else "INVALID_CROSS_REFERENCE_KEY",
                 "entity is deleted" if old else f"invalid cross reference id: {target}",
@@ -252,9 +271,10 @@ def write_rows(
                 res.id = old.id
                 writes.append(Rec(old.id, old.created, now, True, dict(old.data), old.rid))
             continue
-        if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == str(row.get(ext_name)).lower():
-            row = {k: v for k, v in row.items() if k != ext_name}  # matched case-insensitively: value kept
-        rec = plan.apply(row, old, res)
+        skip = None  # matched case-insensitively on the external id: the stored value is kept
+        if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == lows[i]:
+            skip = ext_name
+        rec = plan.apply(row, old, res, skip)
         if rec is None:
             continue
         if old is None:
@@ -263,10 +283,10 @@ def write_rows(
         res.id = rec.id
         writes.append(rec)
     if all_or_none and any(not r.success for r in results):
-        for r in results:
-            if r.success:
-                r.success, r.id, r.created = False, None, False
-                r.errors.append(
+        for rolled in results:
+            if rolled.success:
+                rolled.success, rolled.id, rolled.created = False, None, False
+                rolled.errors.append(
                     {
                         "statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK",
                         "message": "Record rolled back because not all records were valid and the request "
@@ -276,9 +296,11 @@ def write_rows(
                 )
         return results
     keys = sb.key_fields(SALESFORCE, obj)
-    old_keys = {r.id: key_set(r, keys) for r in existing.values()}
     with sb.store.tx() as tx:
-        tx.write(SALESFORCE, obj, writes, keys, old_keys)
+        if any(k in plan.given and k != ext_name for k in keys):  # a key may change: compare with the old ones
+            tx.write(SALESFORCE, obj, writes, keys, {r.id: key_values(r, keys) for r in existing.values()})
+        else:  # rows set no key field but the matched external id: existing records keep their index rows
+            tx.write(SALESFORCE, obj, writes, keys, reindex=[r for r in writes if r.id not in existing])
     return results
 
 
@@ -288,14 +310,18 @@ class _Plan:
 
     def __init__(self, sb: Sandbox, fs: dict[str, dict[str, Any]], obj: str, ext_field: str | None, keys: set[str]):
         self.sb, self.obj, self.ext_field = sb, obj, ext_field
+        self.given = keys
         self.coerce = {k: coercer(fs[k.lower()]) for k in keys if k != "Id" and k.lower() in fs}
         self.system = any(k in _SYSTEM_CANON for k in keys)
         self.required = [d["name"] for d in fs.values() if d.get("required")]
+        self.required_given = any(n in keys for n in self.required)
 
-    def apply(self, row: dict[str, Any], old: Rec | None, res: RowResult) -> Rec | None:
-        data = dict(old.data) if old else {}
+    def apply(self, row: dict[str, Any], old: Rec | None, res: RowResult, skip: str | None = None) -> Rec | None:
+        """The record ``row`` makes of ``old`` (None: a new one), or None with ``res`` failed.
+        ``skip``: a field of ``row`` to leave as stored (the matched external id)."""
+        data = dict(old.data) if old is not None else {}
         if self.system:
-            readonly = [k for k in row if k in _SYSTEM_CANON]
+            readonly = [k for k in row if k in _SYSTEM_CANON and k != skip]
             if readonly:
                 res.fail(
                     "INVALID_FIELD_FOR_INSERT_UPDATE",
@@ -305,14 +331,15 @@ class _Plan:
                     readonly,
                 )
                 return None
+        coerce = self.coerce
         for k, v in row.items():
-            if k == "Id":
+            if k == "Id" or k == skip:
                 continue
             if v is None:
                 data.pop(k, None)
                 continue
             try:
-                value = self.coerce[k](v)
+                value = coerce[k](v)
             except OverflowError as exc:
                 res.fail("STRING_TOO_LONG", str(exc), [k])
                 return None
@@ -326,16 +353,18 @@ class _Plan:
                 data.pop(k, None)
             else:
                 data[k] = value
-        if self.required:
+        if self.required and (old is None or self.required_given):
             missing = [n for n in self.required if data.get(n) in (None, "")]
-            if missing and (old is None or any(m in row for m in missing)):
+            if missing and (old is None or any(m in row and m != skip for m in missing)):
                 res.fail("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing)
                 return None
         if self.sb.rules:
             ext = self.ext_field
-            key_value = str(row.get(ext)) if ext and row.get(ext) is not None else None
-            rule = self.sb.record_failure(SALESFORCE, self.obj, data, key_value)
+            given = row.get(ext) if ext and ext != skip else None
+            rule = self.sb.record_failure(SALESFORCE, self.obj, data, None if given is None else str(given))
             if rule is not None:
                 res.fail(rule.error_code, rule.message, [rule.field])
                 return None
-        return Rec(old.id if old else "", old.created if old else 0, 0, False, data, old.rid if old else None)
+        if old is None:
+            return Rec("", 0, 0, False, data, None)
+        return Rec(old.id, old.created, 0, False, data, old.rid)

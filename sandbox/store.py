@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     rid INTEGER PRIMARY KEY,
@@ -43,16 +45,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 def dumps(data: dict[str, Any]) -> str:
-    """A record's fields as stored (compact JSON)."""
-    return json.dumps(data, separators=(",", ":"))
+    """A record's fields as stored (compact JSON text)."""
+    try:
+        return orjson.dumps(data).decode()
+    except TypeError:
+        return json.dumps(data, separators=(",", ":"), default=str)
 
 
-def key_set(rec: Rec, key_fields: list[str]) -> set[tuple[str, str]]:
-    """The (field, lower-cased value) key-index rows of one record (as :meth:`_Tx.write` keeps them)."""
-    return {(f.lower(), str(rec.data[f]).lower()) for f in key_fields if rec.data.get(f) not in (None, "")}
+def loads(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
-@dataclass
+def key_values(rec: Rec, key_fields: list[str]) -> tuple[Any, ...]:
+    """A record's key-field values, to hand to :meth:`_Tx.write` as they were before a change."""
+    data = rec.data
+    return tuple(data.get(f) for f in key_fields)
+
+
+@dataclass(slots=True)
 class Rec:
     """One CRM record. ``data`` holds the writable fields (system fields are derived columns)."""
 
@@ -66,7 +79,7 @@ class Rec:
 
 def _row_rec(row: tuple[Any, ...]) -> Rec:
     rid, id_, created, modstamp, deleted, data = row
-    return Rec(id_, created, modstamp, bool(deleted), json.loads(data), rid)
+    return Rec(id_, created, modstamp, bool(deleted), loads(data), rid)
 
 
 _COLS = "rid, id, created, modstamp, deleted, data"
@@ -86,6 +99,7 @@ class Store:
         self.con.execute("PRAGMA cache_size=-65536")
         self.con.executescript(SCHEMA)
         self._fields: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None
+        self._objects: dict[str, list[str]] = {}
 
     def close(self) -> None:
         with self.lock:
@@ -129,8 +143,11 @@ class Store:
 
     def objects(self, vendor: str) -> list[str]:
         with self.lock:
-            rows = self.con.execute("SELECT DISTINCT object FROM fields WHERE vendor = ? ORDER BY 1", (vendor,))
-            return [r[0] for r in rows.fetchall()]
+            cached = self._objects.get(vendor)
+            if cached is None:
+                rows = self.con.execute("SELECT DISTINCT object FROM fields WHERE vendor = ? ORDER BY 1", (vendor,))
+                cached = self._objects[vendor] = [r[0] for r in rows.fetchall()]
+            return list(cached)
 
     def put_field(self, vendor: str, obj: str, definition: dict[str, Any]) -> None:
         name = definition["name"]
@@ -150,6 +167,7 @@ class Store:
                     (vendor, obj, name, pos, json.dumps(definition)),
                 )
             self._fields = None
+            self._objects = {}
 
     def drop_field(self, vendor: str, obj: str, name: str) -> bool:
         with self.lock:
@@ -157,6 +175,7 @@ class Store:
                 "DELETE FROM fields WHERE vendor = ? AND object = ? AND lower(name) = lower(?)", (vendor, obj, name)
             )
             self._fields = None
+            self._objects = {}
             return cur.rowcount > 0
 
     def reindex(self, vendor: str, obj: str, key_fields: list[str]) -> None:
@@ -217,7 +236,7 @@ class Store:
         return out
 
     def lookup_records(self, vendor: str, obj: str, field_name: str, values: Iterable[str]) -> dict[str, list[Rec]]:
-        """Key value (lower-cased) → the records holding it, in one indexed join per 900 values."""
+        """Key value (lower-cased) → the records holding it (by id), in one indexed join per 900 values."""
         vals = sorted({str(v).lower() for v in values})
         out: dict[str, list[Rec]] = {}
         cols = ", ".join(f"r.{c.strip()}" for c in _COLS.split(","))
@@ -231,8 +250,16 @@ class Store:
                     f"WHERE k.vendor = ? AND k.object = ? AND k.field = ? AND k.value IN ({marks})",
                     (vendor, obj, field_name.lower(), *part),
                 ).fetchall()
-                for row in rows:
-                    out.setdefault(row[0], []).append(_row_rec(row[1:]))
+                for value, rid, id_, created, modstamp, deleted, data in rows:
+                    rec = Rec(id_, created, modstamp, bool(deleted), loads(data), rid)
+                    held = out.get(value)
+                    if held is None:
+                        out[value] = [rec]
+                    else:
+                        held.append(rec)
+        for held in out.values():
+            if len(held) > 1:  # a key value shared by several records (duplicates): in id order
+                held.sort(key=lambda r: r.id)
         return out
 
     def select_rids(
@@ -310,6 +337,7 @@ class Store:
             for table in ("records", "keys", "fields", "kv", "jobs"):
                 self.con.execute(f"DELETE FROM {table}")
             self._fields = None
+            self._objects = {}
             self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
@@ -340,14 +368,17 @@ class _Tx:
         obj: str,
         recs: list[Rec],
         key_fields: list[str],
-        old_keys: dict[str, set[tuple[str, str]]] | None = None,
+        old_keys: dict[str, tuple[Any, ...]] | None = None,
+        reindex: list[Rec] | None = None,
     ) -> None:
         """Insert or replace records and refresh their key index rows.
 
         Records read from the store (``rid`` set) are updated by rowid; others are upserted by
-        vendor/object/id. ``old_keys`` — the key values of the records that existed, as
-        :meth:`key_set` computed them before the change — saves re-reading the index; without it the
-        index rows are read back."""
+        vendor/object/id. ``old_keys`` — :func:`key_values` of the records that existed, taken before
+        the change — saves re-reading the index: only records whose key values changed (and new
+        ones) get their index rows rewritten. ``reindex`` — the caller knows which records' key
+        values can have changed (e.g. new ones only, when no key field was written): only those.
+        Without either the index rows are read back."""
         if not recs:
             return
         known = [(r.modstamp, int(r.deleted), dumps(r.data), r.rid) for r in recs if r.rid is not None]
@@ -363,19 +394,27 @@ class _Tx:
                 "modstamp = excluded.modstamp, deleted = excluded.deleted, data = excluded.data",
                 fresh,
             )
-        if key_fields:
+        if key_fields and (old_keys is not None or reindex is not None):
+            if reindex is not None:
+                moved = reindex
+            else:
+                assert old_keys is not None
+                moved = [r for r in recs if r.id not in old_keys or old_keys[r.id] != key_values(r, key_fields)]
+            if moved:
+                self.con.executemany(
+                    "DELETE FROM keys WHERE vendor = ? AND object = ? AND id = ?", [(vendor, obj, r.id) for r in moved]
+                )
+                self.index(vendor, obj, moved, key_fields)
+        elif key_fields:
             wanted = self._key_rows(vendor, obj, recs, key_fields)
             have: dict[str, set[tuple[str, str]]] = {}
-            if old_keys is not None:
-                have = old_keys
-            else:
-                ids = [r.id for r in recs]
-                for i in range(0, len(ids), 900):
-                    part = ids[i : i + 900]
-                    marks = ",".join("?" * len(part))
-                    sql = f"SELECT id, field, value FROM keys WHERE vendor = ? AND object = ? AND id IN ({marks})"
-                    for id_, f, v in self.con.execute(sql, (vendor, obj, *part)):
-                        have.setdefault(id_, set()).add((f, v))
+            ids = [r.id for r in recs]
+            for i in range(0, len(ids), 900):
+                part = ids[i : i + 900]
+                marks = ",".join("?" * len(part))
+                sql = f"SELECT id, field, value FROM keys WHERE vendor = ? AND object = ? AND id IN ({marks})"
+                for id_, f, v in self.con.execute(sql, (vendor, obj, *part)):
+                    have.setdefault(id_, set()).add((f, v))
             empty: set[tuple[str, str]] = set()
             changed = [r.id for r in recs if have.get(r.id, empty) != wanted.get(r.id, empty)]
             if changed:

@@ -8,7 +8,27 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from starlette.responses import Response
+
+_ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
+
+
+def dumps_bytes(body: Any) -> bytes:
+    """Compact JSON (orjson; the stdlib for what orjson refuses, e.g. integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(body, default=str, option=_ORJSON_OPTS)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON (orjson; the stdlib decides — and words the error — for anything orjson rejects)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
 
 _ISO_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?)?"
@@ -85,7 +105,7 @@ def sf_id(prefix: str, n: int) -> str:
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(body, separators=(",", ":"), default=str),
+        dumps_bytes(body),
         status_code=status,
         headers=headers,
         media_type="application/json;charset=UTF-8",

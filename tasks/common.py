@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prefect import runtime
@@ -35,12 +36,25 @@ def flow_run_id() -> str:
     return str(runtime.flow_run.id or "local")
 
 
+@functools.lru_cache(maxsize=512)
+def _deployment_of(run_id: str) -> str:
+    return str(runtime.deployment.name or "none")
+
+
+def deployment_name() -> str:
+    """The current flow run's deployment name ("none" for a direct call). Outside a deployment,
+    ``runtime.deployment.name`` reads the flow run from the API on every access; a run's deployment
+    never changes, so it is read once per flow run."""
+    rid = flow_run_id()
+    return _deployment_of(rid) if rid != "local" else str(runtime.deployment.name or "none")
+
+
 def run_labels(pipeline: str, task: str) -> dict[str, str]:
     """Labels every warehouse job of this task carries (BigQuery job labels, cost ledger keys)."""
     return {
         "pipeline": pipeline,
         "flow": str(runtime.flow_run.flow_name or "adhoc"),
         "flow_run_id": flow_run_id(),
-        "deployment": str(runtime.deployment.name or "none"),
+        "deployment": deployment_name(),
         "task": task,
     }

@@ -31,7 +31,7 @@ from opsloop import costs
 from opsloop.reports.ledger import summary_line
 from opsloop.spec import load_spec
 from opsloop.upsert import held_open
-from tasks.common import TRANSIENT_RETRIES, flow_run_id, run_labels
+from tasks.common import TRANSIENT_RETRIES, deployment_name, flow_run_id, run_labels
 
 log = logging.getLogger("opsloop.costs")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,17 +67,23 @@ class RunInfo:
     job_variables: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=512)
+def _root_of(run_id: str) -> str:
+    # runtime.flow_run.root_flow_run_id walks the parents through the API on every access
+    return str(runtime.flow_run.root_flow_run_id or run_id)
+
+
 def current_run_info() -> RunInfo:
     """Who is running: flow, deployment, run id, root run id (the nightly run a stage belongs to)."""
     rid = flow_run_id()
     try:
-        root = str(runtime.flow_run.root_flow_run_id or rid) if rid != "local" else rid
+        root = _root_of(rid) if rid != "local" else rid
     except Exception:  # no API (plain call outside Prefect): the run is its own root
         root = rid
     return RunInfo(
         rid,
         str(runtime.flow_run.flow_name or "adhoc"),
-        str(runtime.deployment.name or "none"),
+        deployment_name(),
         root,
         dict(runtime.flow_run.job_variables or {}),
     )

@@ -1,7 +1,11 @@
 """Demo operational data in Postgres: customers, transactions, support tickets — with messiness.
 
     python -m opsloop.demodata seed --dsn postgresql://…/source --customers 5000
+    python -m opsloop.demodata seed --dsn … --customers 1000000 --transactions 10000000   # load test size
     python -m opsloop.demodata advance --dsn postgresql://…/source        # "the next day"
+
+``seed`` generates and COPYs ``chunk`` customers (with their transactions and tickets) at a time, so
+memory stays flat at any size (≈ 100k customers + their ~3.4M default transactions per chunk).
 
 Churn is learnable: the label depends on plan, tenure, MRR, support tickets in the last 90 days and
 falling transaction activity, with noise (~10–20 % positives; NULL = unknown for new customers).
@@ -14,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 DDL = """
@@ -46,6 +52,8 @@ CURRENCY = {"GB": "GBP", "US": "USD"}
 SEGMENTS, PLANS = np.array(["smb", "mid", "enterprise"]), np.array(["basic", "pro", "enterprise"])
 PRIORITIES = np.array(["low", "normal", "high", "urgent"])
 DAY_US = 86_400_000_000
+SEED_CHUNK = 100_000  # customers generated and COPYed per step of seed()
+TX_PER_CUSTOMER = 34.0  # transactions per customer at activity 1.0 (33.95 measured over 100k customers)
 
 
 def _ts(now: datetime, us_ago: np.ndarray) -> pa.Array:
@@ -58,7 +66,7 @@ def _num(values: np.ndarray) -> pa.Array:
 
 
 def _nullify(arr: pa.Array, mask: np.ndarray) -> pa.Array:
-    return pa.array([None if m else v for v, m in zip(arr.to_pylist(), mask, strict=True)], arr.type)
+    return pc.if_else(pa.array(mask, pa.bool_()), pa.scalar(None, arr.type), arr)
 
 
 def _copy(conn: psycopg.Connection, table: str, data: pa.Table) -> None:
@@ -125,12 +133,15 @@ def make_customers(n: int, now: datetime, rng: np.random.Generator, start_id: in
     return Customers(t, churned, churn_days, rate, tickets90, tenure)
 
 
-def make_transactions(c: Customers, now: datetime, rng: np.random.Generator, start_id: int = 1) -> pa.Table:
+def make_transactions(
+    c: Customers, now: datetime, rng: np.random.Generator, start_id: int = 1, activity: float = 1.0
+) -> pa.Table:
+    """Each customer's transactions over up to a year; ``activity`` scales every purchase rate."""
     ids = c.table.column("customer_id").to_numpy(zero_copy_only=False)
     countries = np.array([x or "DE" for x in c.table.column("country").to_pylist()])
     days = np.minimum(c.tenure, 365).astype(float)
     end = c.churned_days  # days ago the activity stops (0 = still active)
-    counts = rng.poisson(c.rate * (days - end).clip(0) / 30)
+    counts = rng.poisson(c.rate * activity * (days - end).clip(0) / 30)
     owner = np.repeat(np.arange(len(ids)), counts)
     ago = end[owner] + rng.random(len(owner)) * (days - end)[owner]
     # churners fade: most of their activity in the 90 days before churn disappears (with noise)
@@ -194,23 +205,48 @@ def make_tickets(c: Customers, now: datetime, rng: np.random.Generator, start_id
 
 
 def seed(
-    dsn: str, customers: int = 5000, seed: int = 7, now: datetime | None = None, drop: bool = True
+    dsn: str,
+    customers: int = 5000,
+    seed: int = 7,
+    now: datetime | None = None,
+    drop: bool = True,
+    transactions: int | None = None,
+    chunk: int = SEED_CHUNK,
+    progress: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
-    """Create the three tables and fill them; returns the row counts."""
+    """Create the three tables and fill them, ``chunk`` customers at a time (one transaction);
+    returns the row counts.
+
+    ``transactions`` aims the transaction count at this total (±0.5 %) by scaling every customer's
+    purchase rate; default ≈ 34 per customer. With one chunk (``customers ≤ chunk``) and no target,
+    the rows are exactly those of earlier versions for the same seed.
+    """
     now = now or datetime.now(UTC)
     rng = np.random.default_rng(seed)
-    c = make_customers(customers, now, rng)
-    tx = make_transactions(c, now, rng)
-    tickets = make_tickets(c, now, rng)
+    counts = dict.fromkeys(TABLES, 0)
+    activity = 1.0 if transactions is None else transactions / customers / TX_PER_CUSTOMER
     with psycopg.connect(dsn, autocommit=True) as conn:
         if drop:
             conn.execute("DROP TABLE IF EXISTS " + ", ".join(TABLES))
         conn.execute(DDL)
         with conn.transaction():
-            _copy(conn, "customers", c.table)
-            _copy(conn, "transactions", tx)
-            _copy(conn, "support_tickets", tickets)
-    return {"customers": c.table.num_rows, "transactions": tx.num_rows, "support_tickets": tickets.num_rows}
+            done, units = 0, 0.0  # units: Σ customers × activity (to learn transactions per unit)
+            while done < customers:
+                n = min(max(chunk, 1), customers - done)
+                c = make_customers(n, now, rng, start_id=done + 1)
+                tx = make_transactions(c, now, rng, counts["transactions"] + 1, activity)
+                tickets = make_tickets(c, now, rng, counts["support_tickets"] + 1)
+                for table, data in (("customers", c.table), ("transactions", tx), ("support_tickets", tickets)):
+                    _copy(conn, table, data)
+                    counts[table] += data.num_rows
+                done, units = done + n, units + n * activity
+                if transactions is not None and done < customers:  # aim the rest at the target
+                    per_unit = counts["transactions"] / units if units > 0 else TX_PER_CUSTOMER
+                    left = max(transactions - counts["transactions"], 0)
+                    activity = left / (customers - done) / max(per_unit, 1e-9)
+                if progress is not None:
+                    progress(dict(counts))
+    return counts
 
 
 def _next_id(conn: psycopg.Connection, table: str, column: str) -> int:
@@ -290,13 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--dsn", required=True)
     s.add_argument("--customers", type=int, default=5000)
     s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--transactions", type=int, default=None, help="aim for this many transactions in total")
     s.add_argument("--keep", action="store_true", help="do not drop existing tables first")
     a = sub.add_parser("advance", help="apply one day of changes")
     a.add_argument("--dsn", required=True)
     a.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "seed":
-        print(seed(args.dsn, args.customers, args.seed, drop=not args.keep))
+        print(seed(args.dsn, args.customers, args.seed, drop=not args.keep, transactions=args.transactions))
     else:
         print(advance(args.dsn, args.seed))
 

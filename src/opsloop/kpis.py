@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from opsloop import costs
+from opsloop import costs, faults
 from opsloop.errors import TerminalError
 from opsloop.kpi_sources import (
     Kpi,
@@ -321,6 +321,7 @@ def write_kpis(wh: Warehouse, facts: RunFacts, ev: RunEvaluation, chunk: int = 2
     d = adapter_dialect(wh)
     for i in range(0, len(rows), chunk):
         sql, params = upsert_rows_sql(d, ref, KPI_SCHEMA, ("flow_run_id", "kpi"), rows[i : i + chunk])
+        faults.checkpoint("during_cost_write")  # the KPI rows are the run's other bookkeeping write
         wh.execute(sql, params, kind="merge")
     return len(rows)
 

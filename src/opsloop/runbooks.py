@@ -26,6 +26,7 @@ RUNBOOKS: dict[str, str] = {
     "slow-stage": "Slow stage: a stage breached its p95 duration SLO",
     "failed-runs": "Failed runs: the failure-rate SLO is breached",
     "stage-failed": "Any other stage failure (configuration, bug)",
+    "erasure-request": "Erasure request: forget one data subject (GDPR Art. 17)",
 }
 
 

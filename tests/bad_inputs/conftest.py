@@ -64,26 +64,30 @@ def pg_spec_data(
     }
     if schema_policy is not None:
         transform["schemaPolicy"] = schema_policy
-    return (
-        {
-            "name": "bi",
-            "cdc": {"enabled": strategy == "cdc", "source": "pg", "slotName": slot, "publication": slot},
-            "sources": [
-                {
-                    "id": "pg",
-                    "type": "database",
-                    "connection": "opsloop-postgres/test",
-                    "tables": [{"name": "transactions", "primaryKey": ["event_id"]}],
-                    "sync": {"strategy": strategy, "watermarkField": "updated_at"},
-                }
-            ],
-            "transform": transform,
-            "destinations": [
-                {"type": "warehouse", "stream": "pg.transactions", "dataset": "ops", "table": "transactions",
-                 "mergeKeys": ["event_id"], "orderBy": "updated_at"}
-            ],
-        }
-    )  # fmt: skip
+    return {
+        "name": "bi",
+        "cdc": {"enabled": strategy == "cdc", "source": "pg", "slotName": slot, "publication": slot},
+        "sources": [
+            {
+                "id": "pg",
+                "type": "database",
+                "connection": "opsloop-postgres/test",
+                "tables": [{"name": "transactions", "primaryKey": ["event_id"]}],
+                "sync": {"strategy": strategy, "watermarkField": "updated_at"},
+            }
+        ],
+        "transform": transform,
+        "destinations": [
+            {
+                "type": "warehouse",
+                "stream": "pg.transactions",
+                "dataset": "ops",
+                "table": "transactions",
+                "mergeKeys": ["event_id"],
+                "orderBy": "updated_at",
+            }
+        ],
+    }
 
 
 def file_spec(

@@ -37,8 +37,11 @@ def _ids(wh: DuckDBAdapter) -> list[int]:
 def test_null_keys_are_quarantined_each_never_collapsed(tmp_path: Path, wh: DuckDBAdapter) -> None:
     """BI-01: two rows with a NULL key in one batch — both land in _quarantine (dedup used to merge
     them into one and drop the other silently)."""
-    _csv(tmp_path / "in", "p1.csv", f"1,A,10.5,{T0.format(0)}\n,B,11.5,{T0.format(1)}\n,C,12.5,{T0.format(2)}\n"
-         f"2,D,13.5,{T0.format(3)}\n")  # fmt: skip
+    _csv(
+        tmp_path / "in",
+        "p1.csv",
+        f"1,A,10.5,{T0.format(0)}\n,B,11.5,{T0.format(1)}\n,C,12.5,{T0.format(2)}\n2,D,13.5,{T0.format(3)}\n",
+    )
     spec = file_spec(tmp_path / "in" / "*.csv", checks=[{"column": "id", "rule": "not_null"}])
     out = ingest_files(wh, spec, "r1")
     assert (out["rows_read"], out["inserted"], out["rows_quarantined"]) == (4, 2, 2)
@@ -80,11 +83,15 @@ def test_value_of_the_wrong_type_in_a_later_file_names_file_column_and_row(tmp_p
 @pytest.mark.parametrize(
     ("policy", "error"),
     [
-        ("freeze", "raw_files.events: the source schema changed and transform.schemaPolicy freezes it: "
-                   "column 'amount' changed type INT64 → STRING"),
+        (
+            "freeze",
+            "raw_files.events: the source schema changed and transform.schemaPolicy freezes it: "
+            "column 'amount' changed type INT64 → STRING",
+        ),
         ("evolve", "column 'amount' changed type and its values do not convert to the target's int64"),
     ],
-)  # fmt: skip
+    ids=["freeze", "evolve"],
+)
 def test_column_that_changed_type_follows_the_schema_policy(
     tmp_path: Path, wh: DuckDBAdapter, policy: str, error: str
 ) -> None:
@@ -104,8 +111,11 @@ def test_rule_on_a_column_of_the_wrong_type_names_rule_and_column(tmp_path: Path
     """BI-05: a numeric rule (min) on a text column is a configuration error naming rule, column, type."""
     _csv(tmp_path / "in", "p1.csv", f"1,A,10,{T0.format(0)}\n")
     spec = file_spec(tmp_path / "in" / "*.csv", checks=[{"column": "code", "rule": "min", "value": 0}])
-    with pytest.raises(TerminalError, match=r"^raw_files.events: quality rule min on 'code' needs a numeric column, "
-                                            r"the data has string$"):  # fmt: skip
+    with pytest.raises(
+        TerminalError,
+        match=r"^raw_files.events: quality rule min on 'code' needs a numeric column, "
+        r"the data has string$",
+    ):
         ingest_files(wh, spec, "r1")
     assert count(wh, EVENTS) == 0
 
@@ -124,7 +134,9 @@ def test_duplicate_keys_in_one_batch_keep_the_latest_and_are_counted(tmp_path: P
     flags = out["streams"]["events"]["flags"]
     assert (out["rows_read"], out["inserted"], out["rows_quarantined"]) == (5, 2, 1)
     assert "dedup: 2 row(s) superseded by a later version of the same key in one load (transform.deduplicate)" in flags
-    assert [(r["rule"], r["reason"]) for r in quarantine(wh)] == [("unique", "code = B repeats (duplicate within this load)")]
+    assert [(r["rule"], r["reason"]) for r in quarantine(wh)] == [
+        ("unique", "code = B repeats (duplicate within this load)")
+    ]
     assert wh.query(f"SELECT id, amount FROM {EVENTS} ORDER BY id").to_pylist() == [
         {"id": 1, "amount": 30},
         {"id": 2, "amount": 5},
@@ -157,8 +169,11 @@ def test_far_future_timestamp_does_not_poison_the_watermark(tmp_path: Path, wh: 
 def test_non_utf8_text_in_a_file_names_file_column_and_record(tmp_path: Path, wh: DuckDBAdapter) -> None:
     """BI-08: a Latin-1 byte in a UTF-8 export → TerminalError naming the file, the column and the
     record's key (was a bare ``ArrowInvalid: Invalid UTF8 payload``); nothing is loaded."""
-    bad = _csv(tmp_path / "in", "p1.csv", f"1,A,1,{T0.format(0)}\n2,".encode() + "Müller".encode("latin-1")
-               + f",2,{T0.format(1)}\n".encode())  # fmt: skip
+    bad = _csv(
+        tmp_path / "in",
+        "p1.csv",
+        f"1,A,1,{T0.format(0)}\n2,".encode() + "Müller".encode("latin-1") + f",2,{T0.format(1)}\n".encode(),
+    )
     spec = file_spec(tmp_path / "in" / "*.csv")
     with pytest.raises(TerminalError) as err:
         ingest_files(wh, spec, "r1")

@@ -76,8 +76,11 @@ def test_gate_above_max_share_merges_nothing_and_the_fixed_rerun_converges(pg_ds
     )
     assert count(wh, TX) == 20 and wh.get_state("bi", "pg.transactions")["cursor"] == state["cursor"]
     assert _slot(pg_dsn, spec.cdc.slot_name) == slot and len(quarantine(wh, "r2")) == 3
-    exec_sql(pg_dsn, "UPDATE transactions SET amount = 5, customer_id = COALESCE(customer_id, 'C2'), currency = 'EUR', "
-                     "updated_at = now() WHERE event_id IN ('N1', 'N2', 'N3')")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        "UPDATE transactions SET amount = 5, customer_id = COALESCE(customer_id, 'C2'), currency = 'EUR', "
+        "updated_at = now() WHERE event_id IN ('N1', 'N2', 'N3')",
+    )
     out = ingest_pg(wh, spec, pg_dsn, "r3")  # replays the inserts, the updates supersede them
     assert (out["rows_quarantined"], out["inserted"], count(wh, TX)) == (0, 5, 25)
 
@@ -91,9 +94,13 @@ def test_new_source_column(pg_dsn, wh, slots, policy) -> None:
     spec = pg_spec("cdc", schema_policy={"onNewColumn": policy})
     slots.append(spec.cdc.slot_name)
     ingest_pg(wh, spec, pg_dsn, "r1")
-    exec_sql(pg_dsn, "ALTER TABLE transactions ADD COLUMN channel text",
-             "INSERT INTO transactions (event_id, customer_id, amount, currency, channel) VALUES ('E9', 'C9', 9, 'EUR', 'web')",
-             "UPDATE transactions SET amount = 11, updated_at = now() WHERE event_id = 'E1'")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        "ALTER TABLE transactions ADD COLUMN channel text",
+        "INSERT INTO transactions (event_id, customer_id, amount, currency, channel) "
+        "VALUES ('E9', 'C9', 9, 'EUR', 'web')",
+        "UPDATE transactions SET amount = 11, updated_at = now() WHERE event_id = 'E1'",
+    )
     if policy == "freeze":
         slot = _slot(pg_dsn, spec.cdc.slot_name)
         with pytest.raises(SchemaDriftError) as err:
@@ -109,8 +116,11 @@ def test_new_source_column(pg_dsn, wh, slots, policy) -> None:
     assert (out["inserted"], out["updated"]) == (1, 1)
     got = wh.query(f"SELECT event_id, amount, channel FROM {TX} ORDER BY event_id").to_pylist()
     assert [(r["event_id"], float(r["amount"]), r["channel"]) for r in got] == [
-        ("E1", 11.0, None), ("E2", 2.0, None), ("E3", 3.0, None), ("E9", 9.0, "web")
-    ]  # fmt: skip
+        ("E1", 11.0, None),
+        ("E2", 2.0, None),
+        ("E3", 3.0, None),
+        ("E9", 9.0, "web"),
+    ]
 
 
 @pytest.mark.parametrize("policy", ["evolve", "freeze"])
@@ -120,19 +130,28 @@ def test_removed_source_column(pg_dsn, wh, policy) -> None:
     exec_sql(pg_dsn, TX_DDL, GOOD.format(n=3))
     spec = pg_spec("watermark", schema_policy={"onMissingColumn": policy})
     ingest_pg(wh, spec, pg_dsn, "r1")
-    exec_sql(pg_dsn, "ALTER TABLE transactions DROP COLUMN note",
-             "UPDATE transactions SET amount = 22, updated_at = now() + interval '1 second' WHERE event_id = 'E2'")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        "ALTER TABLE transactions DROP COLUMN note",
+        "UPDATE transactions SET amount = 22, updated_at = now() + interval '1 second' WHERE event_id = 'E2'",
+    )
     if policy == "freeze":
         with pytest.raises(SchemaDriftError, match=r"freezes it: column 'note' is missing from the source$"):
             ingest_pg(wh, spec, pg_dsn, "r2")
-        assert [r["note"] for r in wh.query(f"SELECT note FROM {TX} ORDER BY event_id").to_pylist()] == ["n1", "n2", "n3"]
+        assert [r["note"] for r in wh.query(f"SELECT note FROM {TX} ORDER BY event_id").to_pylist()] == [
+            "n1",
+            "n2",
+            "n3",
+        ]
         return
     out = ingest_pg(wh, spec, pg_dsn, "r2")
     assert "column note missing in the source; loaded as NULL" in out["streams"]["transactions"]["flags"]
     got = wh.query(f"SELECT event_id, amount, note FROM {TX} ORDER BY event_id").to_pylist()
     assert [(r["event_id"], float(r["amount"]), r["note"]) for r in got] == [
-        ("E1", 1.0, "n1"), ("E2", 22.0, None), ("E3", 3.0, "n3")
-    ]  # fmt: skip
+        ("E1", 1.0, "n1"),
+        ("E2", 22.0, None),
+        ("E3", 3.0, "n3"),
+    ]
 
 
 def test_changed_column_type(pg_dsn, wh, slots) -> None:
@@ -142,8 +161,11 @@ def test_changed_column_type(pg_dsn, wh, slots) -> None:
     spec = pg_spec("cdc")
     slots.append(spec.cdc.slot_name)
     ingest_pg(wh, spec, pg_dsn, "r1")
-    exec_sql(pg_dsn, "ALTER TABLE transactions ALTER COLUMN qty TYPE text",
-             "UPDATE transactions SET qty = '42', updated_at = now() WHERE event_id = 'E1'")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        "ALTER TABLE transactions ALTER COLUMN qty TYPE text",
+        "UPDATE transactions SET qty = '42', updated_at = now() WHERE event_id = 'E1'",
+    )
     with pytest.raises(SchemaDriftError) as err:
         ingest_pg(wh, spec, pg_dsn, "r2")
     assert str(err.value).endswith("freezes it: column 'qty' changed type INT64 → STRING")
@@ -157,21 +179,28 @@ def test_one_megabyte_text_values_land_intact(pg_dsn, wh, slots) -> None:
     """BI-15: 1 MiB text values through the snapshot COPY and the CDC stream land byte for byte; a
     1 MiB row that fails a rule is quarantined with a short reason (the value is cut at 80 chars)."""
     mib = "repeat(md5(g::text), 32768)"  # 32 hex chars × 32768 = 1 MiB per value
-    exec_sql(pg_dsn, TX_DDL, f"INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             f"SELECT 'E' || g, 'C' || g, g, 'EUR', {mib} FROM generate_series(1, 3) g")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        TX_DDL,
+        f"INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        f"SELECT 'E' || g, 'C' || g, g, 'EUR', {mib} FROM generate_series(1, 3) g",
+    )
     spec = pg_spec("cdc", checks=[{"column": "note", "rule": "regex", "value": "^[0-9a-f]*$"}], max_share=0.9)
     slots.append(spec.cdc.slot_name)
     ingest_pg(wh, spec, pg_dsn, "r1")
-    exec_sql(pg_dsn, f"INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             f"SELECT 'S' || g, 'C' || g, g, 'EUR', {mib} FROM generate_series(4, 5) g",
-             "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             "VALUES ('X1', 'C9', 1, 'EUR', repeat('Z', 1048576))")  # fmt: skip
+    exec_sql(
+        pg_dsn,
+        f"INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        f"SELECT 'S' || g, 'C' || g, g, 'EUR', {mib} FROM generate_series(4, 5) g",
+        "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        "VALUES ('X1', 'C9', 1, 'EUR', repeat('Z', 1048576))",
+    )
     out = ingest_pg(wh, spec, pg_dsn, "r2")
     assert (out["inserted"], out["rows_quarantined"]) == (2, 1)
     with psycopg.connect(pg_dsn) as c:
         src = dict(c.execute("SELECT event_id, md5(note) FROM transactions WHERE event_id <> 'X1'").fetchall())
     got = wh.query(f"SELECT event_id, note FROM {TX}").to_pylist()
-    assert {r["event_id"]: hashlib.md5(r["note"].encode()).hexdigest() for r in got} == src  # noqa: S324
+    assert {r["event_id"]: hashlib.md5(r["note"].encode()).hexdigest() for r in got} == src
     assert {len(r["note"]) for r in got} == {1 << 20}
     (q,) = quarantine(wh)
     assert q["reason"] == f"note = {'Z' * 77}... does not match regex ^[0-9a-f]*$"
@@ -180,7 +209,9 @@ def test_one_megabyte_text_values_land_intact(pg_dsn, wh, slots) -> None:
 
 def _database(cluster: PgCluster, encoding: str) -> str:
     name = f"enc_{uuid.uuid4().hex[:8]}"
-    exec_sql(cluster.dsn(), f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    exec_sql(
+        cluster.dsn(), f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )
     return cluster.dsn(name)
 
 
@@ -188,13 +219,20 @@ def test_latin1_source_lands_as_utf8(pg_cluster, wh, slots) -> None:
     """BI-16a: a LATIN1 database: the connection asks the server for UTF-8, so 'Müller' lands as UTF-8
     through COPY and the CDC stream (COPY used to hand Latin-1 bytes to the UTF-8 CSV reader)."""
     dsn = _database(pg_cluster, "LATIN1")
-    exec_sql(dsn, TX_DDL, "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             "VALUES ('E1', 'C1', 1, 'EUR', 'Müller')")  # fmt: skip
+    exec_sql(
+        dsn,
+        TX_DDL,
+        "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        "VALUES ('E1', 'C1', 1, 'EUR', 'Müller')",
+    )
     spec = pg_spec("cdc")
     slots.append(spec.cdc.slot_name)
     ingest_pg(wh, spec, dsn, "r1")
-    exec_sql(dsn, "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             "VALUES ('E2', 'C2', 2, 'EUR', 'Gruß')")  # fmt: skip
+    exec_sql(
+        dsn,
+        "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        "VALUES ('E2', 'C2', 2, 'EUR', 'Gruß')",
+    )
     ingest_pg(wh, spec, dsn, "r2")
     got = wh.query(f"SELECT event_id, note FROM {TX} ORDER BY event_id").to_pylist()
     assert [r["note"] for r in got] == ["Müller", "Gruß"]
@@ -205,8 +243,12 @@ def test_invalid_utf8_in_a_sql_ascii_source_names_the_table(pg_cluster, wh, slot
     """BI-16b: a SQL_ASCII database holding a raw 0xFC byte: the read fails naming the table and the
     byte (it used to fail with ``wal_level is b'logical'`` / ``primaryKey column(s) do not exist``)."""
     dsn = _database(pg_cluster, "SQL_ASCII")
-    exec_sql(dsn, TX_DDL, "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
-             "VALUES ('E1', 'C1', 1, 'EUR', 'ok'), ('E2', 'C2', 2, 'EUR', E'M\\374ller')")  # fmt: skip
+    exec_sql(
+        dsn,
+        TX_DDL,
+        "INSERT INTO transactions (event_id, customer_id, amount, currency, note) "
+        "VALUES ('E1', 'C1', 1, 'EUR', 'ok'), ('E2', 'C2', 2, 'EUR', E'M\\374ller')",
+    )
     spec = pg_spec(strategy)
     slots.append(spec.cdc.slot_name)
     copy = "snapshot COPY" if strategy == "cdc" else "COPY"
@@ -221,14 +263,17 @@ def test_invalid_utf8_in_a_sql_ascii_source_names_the_table(pg_cluster, wh, slot
 def test_far_future_updated_at_does_not_stop_later_reads(pg_dsn, wh) -> None:
     """BI-17: a row with updated_at in 2999 (watermark reads): it lands, the committed watermark is the
     extract time (with a warning), and a change made afterwards is still read."""
-    exec_sql(pg_dsn, TX_DDL, GOOD.format(n=2), "UPDATE transactions SET updated_at = '2999-01-01' WHERE event_id = 'E2'")
+    exec_sql(
+        pg_dsn, TX_DDL, GOOD.format(n=2), "UPDATE transactions SET updated_at = '2999-01-01' WHERE event_id = 'E2'"
+    )
     spec = pg_spec("watermark")
     first = ingest_pg(wh, spec, pg_dsn, "r1")
     assert first["inserted"] == 2 and len(first["warnings"]) == 1
     assert first["warnings"][0].startswith("transactions: watermark: newest value 2999-01-01T00:00:00+00:00 is in the")
     assert wh.get_state("bi", "pg.transactions")["watermark"] <= datetime.now(UTC)
-    exec_sql(pg_dsn, "UPDATE transactions SET amount = 77, updated_at = now() + interval '2 seconds' "
-                     "WHERE event_id = 'E1'")  # fmt: skip
+    exec_sql(
+        pg_dsn, "UPDATE transactions SET amount = 77, updated_at = now() + interval '2 seconds' WHERE event_id = 'E1'"
+    )
     second = ingest_pg(wh, spec, pg_dsn, "r2")
     assert second["updated"] == 1
     assert wh.query(f"SELECT amount FROM {TX} WHERE event_id = 'E1'").to_pylist()[0]["amount"] == 77
@@ -248,8 +293,11 @@ def test_emptied_source_never_empties_the_target(pg_dsn, wh, slots) -> None:
     ]
     cdc = pg_spec("cdc")
     slots.append(cdc.cdc.slot_name)
-    with pytest.raises(TerminalError, match=r"^ops.transactions: the snapshot of pg.transactions read 0 rows, so the "
-                                            r"table's 4 row\(s\) were kept"):  # fmt: skip
+    with pytest.raises(
+        TerminalError,
+        match=r"^ops.transactions: the snapshot of pg.transactions read 0 rows, so the "
+        r"table's 4 row\(s\) were kept",
+    ):
         ingest_pg(wh, cdc, pg_dsn, "r3", full_refresh=True)
     assert count(wh, TX) == 4
 
@@ -271,8 +319,11 @@ def test_dropped_or_moved_slot_fails_clearly_and_full_refresh_recovers(pg_dsn, w
         "warehouse cannot be replayed. A full resync is needed: rerun ingest with full_refresh=True"
     )
     exec_sql(pg_dsn, f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-    with pytest.raises(TerminalError, match=rf"^replication slot {slot!r} is at .*, past the position the warehouse "
-                                            rf"committed \({committed}\): changes in between are lost"):  # fmt: skip
+    with pytest.raises(
+        TerminalError,
+        match=rf"^replication slot {slot!r} is at .*, past the position the warehouse "
+        rf"committed \({committed}\): changes in between are lost",
+    ):
         ingest_pg(wh, spec, pg_dsn, "r3")
     assert count(wh, TX) == 5  # nothing half-applied
     out = ingest_pg(wh, spec, pg_dsn, "r4", full_refresh=True)

@@ -61,6 +61,7 @@ def _field(pg: Any, label: str, tag: str) -> Any:
 def test_custom_run_from_the_ui(
     page: Any, prefect_api: str, local_deployments: dict[str, UUID], local_worker: Service, ops_stack: OpsStack
 ) -> None:
+    from playwright.sync_api import expect
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
@@ -84,8 +85,9 @@ def test_custom_run_from_the_ui(
     _field(page, "warehouse", "textarea").fill(ops_stack.warehouse)
     _field(page, "mlflow", "textarea").fill(ops_stack.mlflow)
     dry_run = _field(page, "dry_run", "*[@role='switch']")
+    expect(dry_run).to_have_attribute("aria-checked", "false")  # the flow's default
     dry_run.click()
-    assert dry_run.get_attribute("aria-checked") == "true"
+    expect(dry_run).to_have_attribute("aria-checked", "true")  # retried: the switch re-renders after the click
     page.screenshot(path=str(SHOTS / "prefect-ui-custom-run-form.png"), full_page=True)
     page.get_by_role("button", name="Submit").click()
 

@@ -57,6 +57,34 @@ def test_batch_upsert_200_207_and_validation(crm_sandbox: SandboxClient, hs_clie
     assert info.value.status == 400
 
 
+def test_batch_upsert_keeps_the_unique_value_index(crm_sandbox: SandboxClient, hs_client: Any) -> None:
+    """A batch that writes no unique property leaves the index alone; one that changes a unique
+    property (email) moves it: the record is then found by the new value only."""
+    _unique_prop(hs_client)
+    batch = hs_client.crm.objects.batch_api
+    made = batch.upsert(
+        "contacts", {"inputs": [{"idProperty": "customer_id", "id": "K1", "properties": {"email": "old@x.io"}}]}
+    )
+    hs_id = made.results[0].id
+    again = batch.upsert(
+        "contacts", {"inputs": [{"idProperty": "customer_id", "id": "k1", "properties": {"firstname": "Ann"}}]}
+    )
+    assert again.results[0].id == hs_id and not again.results[0].new
+    batch.upsert(
+        "contacts", {"inputs": [{"idProperty": "customer_id", "id": "K1", "properties": {"email": "new@x.io"}}]}
+    )
+    by_email = batch.upsert(
+        "contacts", {"inputs": [{"idProperty": "email", "id": "NEW@x.io", "properties": {"lastname": "B"}}]}
+    )
+    assert by_email.results[0].id == hs_id and not by_email.results[0].new
+    other = batch.upsert(
+        "contacts", {"inputs": [{"idProperty": "email", "id": "old@x.io", "properties": {"lastname": "C"}}]}
+    )
+    assert other.results[0].id != hs_id and other.results[0].new
+    rec = crm_sandbox.by_key("hubspot", "contacts", "customer_id")["K1"]
+    assert rec["email"] == "new@x.io" and rec["firstname"] == "Ann" and rec["lastname"] == "B"
+
+
 def test_get_page_and_search_with_10k_cap(crm_sandbox: SandboxClient, hs_client: Any) -> None:
     crm_sandbox.seed("hubspot", "contacts", 10_050, modstamp="2026-01-01T00:00:00Z", step_ms=10)
     page = hs_client.crm.contacts.basic_api.get_page(limit=100, properties=["email"])

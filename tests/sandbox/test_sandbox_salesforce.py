@@ -98,6 +98,32 @@ def test_bulk2_lifecycle_with_results(crm_sandbox: SandboxClient, sf_client: Any
     assert polls == 4  # 2 × InProgress, JobComplete, final read
 
 
+def test_external_id_index_follows_every_kind_of_write(crm_sandbox: SandboxClient, sf_client: Any) -> None:
+    """Upserts that only set other fields keep the key index as it was; a write that changes the
+    external id moves the record's index entry; records sharing an id are reported in id order."""
+    crm_sandbox.seed("salesforce", "Contact", 3)
+    data = "Customer_Id__c,AI_Churn_Risk__c\nc0000001,0.5\nC0000002,0.25\n"
+    res = sf_client.bulk2.Contact.upsert(csv_file=_tmp(data), external_id_field="Customer_Id__c", wait=0.05)
+    assert res[0]["numberRecordsFailed"] == 0
+    recs = crm_sandbox.by_key("salesforce", "Contact", "Customer_Id__c")
+    assert len(recs) == 3 and recs["C0000001"]["AI_Churn_Risk__c"] == 0.5  # stored value kept, not lower-cased
+    sf_client.Contact.update(recs["C0000002"]["Id"], {"Customer_Id__c": "Z9"})
+    assert sf_client.Contact.upsert("Customer_Id__c/z9", {"AI_Churn_Risk__c": 0.75}) == 200  # found by its new id
+    with pytest.raises(SalesforceMalformedRequest, match="REQUIRED_FIELD_MISSING"):  # the old id matches nothing
+        sf_client.Contact.upsert("Customer_Id__c/C0000002", {"AI_Churn_Risk__c": 0.1})
+    twins = crm_sandbox.load("salesforce", "Contact", [{"LastName": "T", "Customer_Id__c": "DUP"}] * 2)
+    out = sf_client.restful(
+        "composite/sobjects/Contact/Customer_Id__c",
+        method="PATCH",
+        json={"allOrNone": False, "records": [{"attributes": {"type": "Contact"}, "Customer_Id__c": "dup"}]},
+    )
+    assert out[0]["errors"][0]["statusCode"] == "DUPLICATE_EXTERNAL_ID"
+    assert str(sorted(twins)) in out[0]["errors"][0]["message"]
+    after = {r["Id"]: r for r in crm_sandbox.records("salesforce", "Contact")}
+    assert after[recs["C0000002"]["Id"]]["Customer_Id__c"] == "Z9"
+    assert after[recs["C0000002"]["Id"]]["AI_Churn_Risk__c"] == 0.75
+
+
 def test_bulk2_unknown_column_fails_job(crm_sandbox: SandboxClient, sf_client: Any) -> None:
     job = sf_client.restful(
         "jobs/ingest",

@@ -104,6 +104,29 @@ def test_training_checks_fail_before_fitting(demo_wh: DuckDBAdapter, tmp_path: P
         opsloop_pipeline(spec.model.model_copy(update={"params": {"n_estimatorz": 3}}))
 
 
+def test_train_sample_reads_a_stable_hash_sample(demo_wh: DuckDBAdapter, tmp_path: Path) -> None:
+    """model.trainSample bounds what training reads: a hash sample of the keys, the same on every read."""
+    _, spec = write_spec(tmp_path)
+    build_features(demo_wh, spec.model.features, TRAIN_AS_OF)
+    full = load_training_data(demo_wh, spec.model, TRAIN_AS_OF)
+    total = len(full.y) + full.unlabelled
+    assert full.sampled_from is None
+    cap = total // 3
+    _, capped = write_spec(tmp_path, model={"trainSample": cap, "params": {"n_estimators": 5}})
+    first, again = (load_training_data(demo_wh, capped.model, TRAIN_AS_OF) for _ in range(2))
+    read = len(first.y) + first.unlabelled
+    assert first.sampled_from == total
+    assert 0.8 * cap <= read <= 1.2 * cap, (read, cap)
+    assert first.keys.tolist() == again.keys.tolist()
+    assert set(first.keys.tolist()) < set(full.keys.tolist())
+    result = train(first, capped.model, tmp_path / "plots")
+    assert result.rows["sampled_from"] == total
+    assert result.rows["train"] + result.rows["holdout"] == len(first.y)
+    _, loose = write_spec(tmp_path, model={"trainSample": total})  # a cap the snapshot fits in: no sample
+    everything = load_training_data(demo_wh, loose.model, TRAIN_AS_OF)
+    assert everything.sampled_from is None and len(everything.y) == len(full.y)
+
+
 @pytest.mark.slow
 def test_model_reaches_plain_sklearn_baseline(demo_wh: DuckDBAdapter, tmp_path: Path) -> None:
     _, spec = write_spec(tmp_path)

@@ -12,10 +12,11 @@ runner can stop cleanly and leave the rest for the next run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeAlias
 
 import pyarrow as pa
 
@@ -50,20 +51,36 @@ class PushRecord:
     bucket: str | None = None
 
 
+Outcome: TypeAlias = "list[str | None] | pa.Array"  # per row: a list, or an Arrow string array (big jobs)
+
+
 @dataclass
 class BatchResult:
     """The outcome of one request / job: ``rows`` (the staged candidate rows attempted, in order)
-    and, aligned with them, ``status`` (created | updated | failed), CRM id and vendor error."""
+    and, aligned with them, ``status`` (created | updated | failed), CRM id and vendor error —
+    each a list, or an Arrow string array (a Bulk job's hundred thousand rows, built column-wise)."""
 
     rows: pa.Table
-    status: list[str]
-    crm_id: list[str | None]
-    error_code: list[str | None]
-    error_message: list[str | None]
+    status: Outcome
+    crm_id: Outcome
+    error_code: Outcome
+    error_message: Outcome
     api: str = ""
 
     def __len__(self) -> int:
         return int(self.rows.num_rows)
+
+    def arrays(self) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+        """(status, crm_id, error_code, error_message) as Arrow string arrays."""
+
+        def arr(values: Outcome) -> pa.Array:
+            if isinstance(values, pa.ChunkedArray):
+                values = values.combine_chunks()
+            if isinstance(values, pa.Array):
+                return values.cast(pa.string())
+            return pa.array(values, pa.string())
+
+        return arr(self.status), arr(self.crm_id), arr(self.error_code), arr(self.error_message)
 
     @classmethod
     def failed(cls, rows: pa.Table, code: str, message: str, api: str) -> BatchResult:
@@ -123,6 +140,33 @@ class SinkBase:
         self.stats = RetryStats()
         self.budget = Budget()
         self.call_budget: int | None = None
+
+    def pipelined(
+        self,
+        chunks: Iterable[pa.Table],
+        build: Callable[[pa.Table], Any],
+        send: Callable[[pa.Table, Any], Any],
+        parse: Callable[[pa.Table, Any], BatchResult],
+    ) -> Iterator[BatchResult]:
+        """Push ``chunks`` one request at a time, building the next request's body while the CRM
+        works on the current one: ``send`` (the HTTP call with its retries and budget check) runs
+        on a worker thread, ``build`` and ``parse`` here. A request is sent only after the previous
+        one's results were handed back (so a crash or a stop between chunks never leaves an
+        unrecorded request behind it), and the call in flight is always waited for."""
+        it = iter(chunks)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.vendor.lower()}-push")
+        try:
+            chunk = next(it, None)
+            body = build(chunk) if chunk is not None else None
+            while chunk is not None:
+                fut = pool.submit(send, chunk, body)
+                following = next(it, None)
+                following_body = build(following) if following is not None else None
+                answer = fut.result()
+                yield parse(chunk, answer)
+                chunk, body = following, following_body
+        finally:
+            pool.shutdown(wait=True)
 
     def reserve(self, calls: int) -> None:
         """Raise BudgetCapReached if ``calls`` more requests would exceed the call budget."""

@@ -16,6 +16,7 @@ Vendor libraries are imported inside the functions, so importing this module is 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -36,16 +37,21 @@ SF_DEFAULT_VERSION = "59.0"
 
 class CrmSession(requests.Session):
     """A requests session that remembers the headers of its last response (limit headers,
-    ``Retry-After``), because simple-salesforce's exceptions do not carry them."""
+    ``Retry-After``), because simple-salesforce's exceptions do not carry them. Remembered per
+    thread, so a call made on a worker thread (see ``SinkBase.pipelined``) reads its own."""
 
     def __init__(self) -> None:
         super().__init__()
         self.trust_env = False
-        self.last_headers: Mapping[str, str] = {}
+        self._last = threading.local()
         self.hooks["response"].append(self._remember)
 
+    @property
+    def last_headers(self) -> Mapping[str, str]:
+        return getattr(self._last, "headers", {})  # type: ignore[no-any-return]
+
     def _remember(self, resp: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
-        self.last_headers = resp.headers
+        self._last.headers = resp.headers
         return resp
 
 

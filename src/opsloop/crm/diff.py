@@ -12,7 +12,7 @@ hashes as Arrow masks. A row becomes a candidate when its hash differs from the 
 * it waits in the review queue (``held``) or was rejected there.
 
 Only the rows the significance rule must look at (a previous payload, ``minDelta`` > 0) are
-examined one by one. Candidates are streamed to a local Parquet file (bounded memory), in entity
+examined one by one. Candidates are streamed to a local Arrow IPC file (bounded memory), in entity
 order, with their canonical payload text, hash and one push-ready column per CRM field
 (``f:<field>``), so the sinks build request bodies per batch and a ``limit`` takes a stable prefix.
 """
@@ -28,7 +28,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from opsloop.crm.base import FieldSpec, PushRecord
 from opsloop.crm.payload import VALUE_PREFIX, encode_batch, jsonable, payload_hash, payload_json, payload_rows
@@ -107,11 +106,16 @@ class DiffResult:
     rejected_by_review: list[PushRecord] = field(default_factory=list)
 
     def tables(self, batch_rows: int = 50_000) -> Iterator[pa.Table]:
-        """The staged candidates as Arrow tables (streamed from the Parquet file, in entity order)."""
+        """The staged candidates as Arrow tables (read back a batch at a time from the Arrow IPC
+        spill file, in entity order)."""
         if not self.staged:
             return
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows):
-            yield pa.Table.from_batches([batch])
+        with pa.OSFile(str(self.path)) as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                for start in range(0, batch.num_rows, batch_rows):
+                    yield pa.Table.from_batches([batch.slice(start, batch_rows)])
 
 
 def significant(
@@ -187,15 +191,15 @@ def build_candidates(wh: Warehouse, opts: DiffOptions, tables: SyncTables, workd
     params = {"pipeline": opts.pipeline, "destination": opts.destination}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", opts.destination)
     enum_cols = [f.column for f in opts.fields if f.kind == "enumeration"]
-    res = DiffResult(workdir / f"candidates_{slug}.parquet", values={c: set() for c in enum_cols})
+    res = DiffResult(workdir / f"candidates_{slug}.arrow", values={c: set() for c in enum_cols})
     res.stats = dict.fromkeys(STATS, 0)
-    writer: pq.ParquetWriter | None = None
+    writer: pa.ipc.RecordBatchFileWriter | None = None
     try:
         for batch in wh.read_batches(sql, params, batch_rows=opts.batch_rows):
             staged = _decide(pa.Table.from_batches([batch]), opts, res)
             if staged is not None and staged.num_rows:
                 if writer is None:
-                    writer = pq.ParquetWriter(res.path, staged.schema)
+                    writer = pa.ipc.new_file(str(res.path), staged.schema)
                 writer.write_table(staged)
     finally:
         if writer is not None:

@@ -20,6 +20,7 @@ import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 from opsloop import faults
 from opsloop.crm.base import BatchResult, BudgetCapReached, CrmSink, FieldSpec, PushRecord
-from opsloop.crm.diff import DiffOptions, ReviewSource, build_candidates
+from opsloop.crm.diff import DiffOptions, DiffResult, ReviewSource, build_candidates
 from opsloop.crm.gates import push_allowed
 from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy
 from opsloop.crm.synclog import SyncTables, held_open
@@ -147,29 +148,41 @@ def push_destination(
         "failed_by_code": {},
         "api_calls": 0,
     }
-    with held_open(wh):
+    # warehouse work before the first CRM call (tables, gate, diff) shares one session, and so do the
+    # last flush and the run row after the last call (DuckDB: one connection each, not one per statement)
+    head = contextlib.ExitStack()
+    with contextlib.ExitStack() as failed:
+        failed.callback(head.close)
+        head.enter_context(held_open(wh))
         tables.ensure()
         verdict = push_allowed(wh, opts.pipeline, spec.sync.block_on)
         spent_today = tables.calls_today()
+        failed.pop_all()
     if not verdict.allowed:
+        head.close()
         report.update(status="blocked", note=verdict.reason)
         return _finish(tables, sink, report, started, clock)
-    try:
-        with tempfile.TemporaryDirectory(prefix="opsloop-sync-") as tmp:
-            _diff_and_push(wh, sink, opts, spec, run, tables, report, spent_today, Path(tmp))
-    except CrmBudgetExhausted as exc:  # the daily limit was already spent when we probed
-        report.update(status="budget_exhausted", note=str(exc))
-    except BaseException as exc:
-        if report["status"] != "failed":
-            report.update(status="failed", note=str(exc)[:500])
-        with contextlib.suppress(Exception):
-            _finish(tables, sink, report, started, clock)
-        raise
-    return _finish(tables, sink, report, started, clock)
+    with contextlib.ExitStack() as tail:
+        try:
+            with tempfile.TemporaryDirectory(prefix="opsloop-sync-") as tmp:
+                with head:
+                    diff = build_candidates(wh, opts, tables, Path(tmp))
+                last = lambda: tail.enter_context(held_open(wh))  # noqa: E731
+                _diff_and_push(sink, opts, spec, run, tables, report, spent_today, diff, last)
+        except CrmBudgetExhausted as exc:  # the daily limit was already spent when we probed
+            report.update(status="budget_exhausted", note=str(exc))
+        except BaseException as exc:
+            if report["status"] != "failed":
+                report.update(status="failed", note=str(exc)[:500])
+            with contextlib.suppress(Exception):
+                _finish(tables, sink, report, started, clock)
+            raise
+        finally:
+            head.close()  # idempotent; for a failure before the diff's block
+        return _finish(tables, sink, report, started, clock)
 
 
 def _diff_and_push(
-    wh: Warehouse,
     sink: CrmSink,
     opts: DiffOptions,
     spec: PipelineSpec,
@@ -177,10 +190,9 @@ def _diff_and_push(
     tables: SyncTables,
     report: dict[str, Any],
     spent_today: int,
-    tmp: Path,
+    diff: DiffResult,
+    last_flush: Callable[[], Any],
 ) -> None:
-    with held_open(wh):
-        diff = build_candidates(wh, opts, tables, tmp)
     stats = diff.stats
     report.update(
         candidates=stats["candidates"], staged=diff.staged, diff=stats, held=stats["held"], samples=diff.samples
@@ -208,7 +220,7 @@ def _diff_and_push(
     _log_review(tables, run.run_id, diff.held, "held")
     _log_review(tables, run.run_id, diff.rejected_by_review, "review_rejected")
     sink.call_budget = None if allowance is None else sink.stats.calls + allowance
-    _push(sink, tables, diff.tables(), diff.staged, spec, run, report)
+    _push(sink, tables, diff.tables(), diff.staged, spec, run, report, last_flush)
 
 
 def _allowance(sink: CrmSink, spent_today: int, share: float) -> int | None:
@@ -230,7 +242,10 @@ def _push(
     spec: PipelineSpec,
     run: RunOptions,
     report: dict[str, Any],
+    last_flush: Callable[[], Any] = lambda: None,
 ) -> None:
+    """Push the staged candidates, flushing results every ``flush_rows`` records; ``last_flush``
+    is called before the final flush (it opens the session the run row is written in)."""
     buffer: list[BatchResult] = []
     buffered = 0
     attempted = 0
@@ -242,14 +257,11 @@ def _push(
             return
         flushes += 1
         counts = tables.flush(buffer, run.run_id, spec.sync.retry_cap, f"{run.run_id}_{flushes}")
-        for k, v in counts.items():
-            report[k] = report.get(k, 0) + v
         by_code = report["failed_by_code"]
-        for r in buffer:
-            for status, code in zip(r.status, r.error_code, strict=True):
-                if status == "failed":
-                    key = code or "UNKNOWN"
-                    by_code[key] = by_code.get(key, 0) + 1
+        for code, k in counts.pop("failed_by_code", {}).items():
+            by_code[code] = by_code.get(code, 0) + k
+        for key, v in counts.items():
+            report[key] = report.get(key, 0) + v
         buffer, buffered = [], 0
 
     try:
@@ -268,6 +280,7 @@ def _push(
         report.update(status="failed", note=str(exc)[:500])
         raise
     finally:
+        last_flush()
         flush()
         report["deferred"] = total - attempted
         report["pushed"] = report.get("created", 0) + report.get("updated", 0)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import repeat
 from typing import Any, TypeVar
 
+import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -59,12 +61,13 @@ def _csv_value(value: Any) -> str:
     return str(_csv_column(pa.array([value])).to_pylist()[0])
 
 
-def _read_result_csv(data: bytes, columns: list[str]) -> dict[str, list[str]]:
-    """``columns`` of a Bulk result CSV as lists of strings (all empty when the CSV has no rows)."""
+def _read_result_csv(data: bytes, columns: list[str]) -> dict[str, pa.Array]:
+    """``columns`` of a Bulk result CSV as Arrow string arrays (missing cells and columns → "";
+    all empty when the CSV has no rows)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not data.strip() or b"\n" not in data.strip():
-        return {c: [] for c in columns}
+        return {c: pa.array([], pa.string()) for c in columns}
     table = pacsv.read_csv(
         io.BytesIO(data),
         convert_options=pacsv.ConvertOptions(
@@ -75,7 +78,44 @@ def _read_result_csv(data: bytes, columns: list[str]) -> dict[str, list[str]]:
             quoted_strings_can_be_null=False,
         ),
     )
-    return {c: [v or "" for v in table.column(c).to_pylist()] for c in columns}
+    return {c: pc.fill_null(table.column(c), "").combine_chunks() for c in columns}
+
+
+def _empty_to_null(values: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+
+
+class _Outcomes:
+    """A Bulk job's per-row outcomes, filled a result file at a time without a Python loop per row:
+    each column is a list of value arrays plus, per job row, which value it takes (later wins)."""
+
+    def __init__(self, n: int, code: str, message: str) -> None:
+        self.pick = np.zeros(n, dtype=np.int64)  # row -> index into the concatenated values
+        self.values: dict[str, list[pa.Array]] = {
+            "status": [pa.array(["failed"], pa.string())],
+            "crm_id": [pa.nulls(1, pa.string())],
+            "error_code": [pa.array([code], pa.string())],
+            "error_message": [pa.array([message], pa.string())],
+        }
+        self.size = 1
+
+    def assign(self, rows: pa.Array, **columns: pa.Array) -> None:
+        """Rows ``rows`` (job positions; nulls = rows not in this job, skipped) take ``columns``."""
+        keep = pc.is_valid(rows)
+        if not pc.all(keep).as_py():
+            rows = rows.filter(keep)
+            columns = {k: v.filter(keep) for k, v in columns.items()}
+        k = len(rows)
+        if not k:
+            return
+        for name, parts in self.values.items():
+            parts.append(columns[name].cast(pa.string()))
+        self.pick[rows.to_numpy(zero_copy_only=False)] = np.arange(self.size, self.size + k, dtype=np.int64)
+        self.size += k
+
+    def arrays(self) -> dict[str, pa.Array]:
+        take = pa.array(self.pick)
+        return {name: pa.concat_arrays(parts).take(take) for name, parts in self.values.items()}
 
 
 class SalesforceSink(SinkBase):
@@ -187,42 +227,48 @@ class SalesforceSink(SinkBase):
                 self.reserve(BULK_CALLS_PER_JOB)
                 yield self._bulk_job(job)
         else:
-            for chunk in rechunk(tables, COLLECTION_SIZE):
-                yield self._collection(chunk)
+            chunks = rechunk(tables, COLLECTION_SIZE)
+            yield from self.pipelined(chunks, self._collection_body, self._collection_send, self._collection_parse)
 
-    def _collection_body(self, t: pa.Table) -> dict[str, Any]:
+    def _collection_body(self, t: pa.Table) -> bytes:
+        """The Collections request body, serialised here (not on the sending thread)."""
         names = list(self.columns)
         cols = [t.column(VALUE_PREFIX + n).to_pylist() for n in names]
         keys = ("attributes", *names, self.external_id_field)  # the external id wins over a mapped twin
         rows = zip(repeat({"type": self.object}), *cols, t.column("external_id").to_pylist())
-        return {"allOrNone": False, "records": [dict(zip(keys, row, strict=True)) for row in rows]}
+        body = {"allOrNone": False, "records": [dict(zip(keys, row, strict=True)) for row in rows]}
+        return orjson.dumps(body)
 
-    def _collection(self, t: pa.Table) -> BatchResult:
-        body = self._collection_body(t)
+    def _collection_send(self, t: pa.Table, body: bytes) -> Any:
         path = f"composite/sobjects/{self.object}/{self.external_id_field}"
-        n = t.num_rows
-        out = self._call(
-            lambda: self.sf.restful(path, method="PATCH", json=body),
-            f"collections upsert {self.object} ({n} records)",
+        return self._call(
+            lambda: self.sf.restful(path, method="PATCH", data=body),
+            f"collections upsert {self.object} ({t.num_rows} records)",
         )
+
+    def _collection_parse(self, t: pa.Table, out: Any) -> BatchResult:
+        n = t.num_rows
         if not isinstance(out, list) or len(out) != n:
             raise TerminalError(
                 f"{self.block}: Salesforce collections upsert returned {type(out).__name__} of "
                 f"{len(out) if isinstance(out, list) else '?'} items for {n} records"
             )
-        res = BatchResult(t, [], [], [], [], "collections")
+        status: list[str | None] = []
+        crm_id: list[str | None] = []
+        code: list[str | None] = []
+        message: list[str | None] = []
         for item in out:
-            res.crm_id.append(item.get("id"))
+            crm_id.append(item.get("id"))
             if item.get("success"):
-                res.status.append("created" if item.get("created") else "updated")
-                res.error_code.append(None)
-                res.error_message.append(None)
+                status.append("created" if item.get("created") else "updated")
+                code.append(None)
+                message.append(None)
             else:
                 err = (item.get("errors") or [{}])[0]
-                res.status.append("failed")
-                res.error_code.append(str(err.get("statusCode", "UNKNOWN")))
-                res.error_message.append(str(err.get("message", ""))[:1000])
-        return res
+                status.append("failed")
+                code.append(str(err.get("statusCode", "UNKNOWN")))
+                message.append(str(err.get("message", ""))[:1000])
+        return BatchResult(t, status, crm_id, code, message, "collections")
 
     def _bulk_csv(self, t: pa.Table) -> bytes:
         ext = self.external_id_field
@@ -268,32 +314,50 @@ class SalesforceSink(SinkBase):
         if info["state"] != "JobComplete":
             msg = str(info.get("errorMessage") or info["state"])
             return BatchResult.failed(t, "BULK_JOB_" + info["state"].upper(), msg, "bulk")
-        res = BatchResult.failed(t, "MISSING_RESULT", f"no result row in bulk job {job_id}", "bulk")
-        keys = pc.utf8_lower(t.column("external_id").cast(pa.string()))
+        out = _Outcomes(n, "MISSING_RESULT", f"no result row in bulk job {job_id}")
+        keys = pc.utf8_lower(t.column("external_id").cast(pa.string()).combine_chunks())
 
-        def positions(ids: list[str]) -> list[int | None]:
-            found = pc.index_in(pc.utf8_lower(pa.array(ids, pa.string())), value_set=keys)
-            return found.to_pylist()  # type: ignore[no-any-return]
+        def positions(ids: pa.Array) -> pa.Array:
+            return pc.index_in(pc.utf8_lower(ids), value_set=keys)
+
+        def const(value: str | None, k: int) -> pa.Array:
+            return pa.repeat(pa.scalar(value, pa.string()), k)
 
         ok = _read_result_csv(self._results(job_id, "successfulResults"), [ext, "sf__Id", "sf__Created"])
-        for i, crm_id, created in zip(positions(ok[ext]), ok["sf__Id"], ok["sf__Created"], strict=True):
-            if i is not None:
-                res.status[i] = "created" if created.lower() == "true" else "updated"
-                res.crm_id[i], res.error_code[i], res.error_message[i] = crm_id or None, None, None
+        k = len(ok[ext])
+        out.assign(
+            positions(ok[ext]),
+            status=pc.if_else(pc.equal(pc.utf8_lower(ok["sf__Created"]), "true"), "created", "updated"),
+            crm_id=_empty_to_null(ok["sf__Id"]),
+            error_code=const(None, k),
+            error_message=const(None, k),
+        )
         if int(info.get("numberRecordsFailed") or 0):
             bad = _read_result_csv(self._results(job_id, "failedResults"), [ext, "sf__Id", "sf__Error"])
-            for i, crm_id, error in zip(positions(bad[ext]), bad["sf__Id"], bad["sf__Error"], strict=True):
-                if i is not None:
-                    code, _, msg = error.partition(":")
-                    res.status[i], res.crm_id[i] = "failed", crm_id or None
-                    res.error_code[i], res.error_message[i] = code or "UNKNOWN", msg.rstrip(" -")[:1000]
+            codes, messages = [], []
+            for error in bad["sf__Error"].to_pylist():  # failures are few: split each "CODE:message --"
+                code, _, msg = error.partition(":")
+                codes.append(code or "UNKNOWN")
+                messages.append(msg.rstrip(" -")[:1000])
+            out.assign(
+                positions(bad[ext]),
+                status=const("failed", len(codes)),
+                crm_id=_empty_to_null(bad["sf__Id"]),
+                error_code=pa.array(codes, pa.string()),
+                error_message=pa.array(messages, pa.string()),
+            )
         if int(info.get("numberRecordsProcessed") or 0) < n:
             left = _read_result_csv(self._results(job_id, "unprocessedrecords"), [ext])
-            for i in positions(left[ext]):
-                if i is not None:
-                    res.status[i], res.crm_id[i] = "failed", None
-                    res.error_code[i], res.error_message[i] = "UNPROCESSED", f"not processed by bulk job {job_id}"
-        return res
+            k = len(left[ext])
+            out.assign(
+                positions(left[ext]),
+                status=const("failed", k),
+                crm_id=const(None, k),
+                error_code=const("UNPROCESSED", k),
+                error_message=const(f"not processed by bulk job {job_id}", k),
+            )
+        cols = out.arrays()
+        return BatchResult(t, cols["status"], cols["crm_id"], cols["error_code"], cols["error_message"], "bulk")
 
     def _wait(self, job_id: str) -> dict[str, Any]:
         started = time.monotonic()

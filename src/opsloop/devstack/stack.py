@@ -126,7 +126,8 @@ class LocalStack:
                 ],
                 self.run_dir,
                 health_url=f"{self.mlflow_url}/health",
-                env=env,
+                # no background job runner (huey consumers): opsloop uses none of MLflow's server jobs
+                env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                 cwd=mlflow_dir,
                 start_timeout=START_TIMEOUT,
             ),

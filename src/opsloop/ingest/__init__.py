@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from opsloop.ingest.loader import StreamLoader, resolve_target
 from opsloop.ingest.runlog import StreamRun, cliff_flag, previous_counts, record_runs
+from opsloop.ingest.writer import session
 from opsloop.sources.base import Sink
 from opsloop.spec import PipelineSpec, SourceSpec
 from opsloop.warehouse.base import Warehouse
@@ -45,9 +46,15 @@ def ingest_source(
 ) -> dict[str, Any]:
     """Extract → gate → PII → stage → MERGE + state for every stream of ``source``; returns a summary."""
     started = time.perf_counter()
-    loader = StreamLoader(wh, spec, source, run_id, salt, now, segment_rows=segment_rows)
-    report = _report_dict(reader.run(loader, full_refresh=full_refresh, since=since))
-    runs = list(loader.runs.values())
+    with session(wh):  # one warehouse connection for the source's loads and bookkeeping (DuckDB)
+        loader = StreamLoader(wh, spec, source, run_id, salt, now, segment_rows=segment_rows)
+        report = _report_dict(reader.run(loader, full_refresh=full_refresh, since=since))
+        runs = list(loader.runs.values())
+        _record(wh, spec, run_id, runs, report)
+    return summarise(source, runs, report, time.perf_counter() - started)
+
+
+def _record(wh: Warehouse, spec: PipelineSpec, run_id: str, runs: list[StreamRun], report: dict[str, Any]) -> None:
     q = spec.transform.quarantine
     for run in runs:
         if report.get("slot_lag_bytes") is not None:
@@ -59,7 +66,6 @@ def ingest_source(
         if flag:
             run.flags.append(flag)
     record_runs(wh, spec.name, run_id, runs)
-    return summarise(source, runs, report, time.perf_counter() - started)
 
 
 def summarise(source: SourceSpec, runs: list[StreamRun], report: dict[str, Any], seconds: float) -> dict[str, Any]:

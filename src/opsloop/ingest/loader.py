@@ -18,10 +18,19 @@ from typing import Any
 import pyarrow as pa
 
 from opsloop import faults
-from opsloop.errors import ConfigError, TerminalError
+from opsloop.errors import ConfigError, QualityGateError, TerminalError
 from opsloop.ingest.quarantine import QuarantineWriter
 from opsloop.ingest.runlog import StreamRun
-from opsloop.ingest.writer import Segments, delete_missing_keys, fill_from_target, insert_segment
+from opsloop.ingest.writer import (
+    Segments,
+    TransactionalWarehouse,
+    delete_missing_keys,
+    fill_from_target,
+    insert_direct,
+    insert_segment,
+    session,
+)
+from opsloop.privacy import Suppression
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, UNCHANGED_COL, LoadRequest, LoadResult, Position
 from opsloop.spec import PipelineSpec, SourceSpec, TableSpec
 from opsloop.transform import pyvalues
@@ -35,6 +44,7 @@ from opsloop.warehouse.write import WriteResult, staging_ref, write_merge
 META_COLUMNS = frozenset({LSN_COL, SEQ_COL, DELETED_COL, UNCHANGED_COL})
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between source and worker
 SUPERSEDED_NOTE = "row(s) superseded by a later version of the same key in one load (transform.deduplicate)"
+SUPPRESSED_NOTE = "row(s) of erased data subjects skipped (_erasure_suppress; docs/runbooks.md#erasure-request)"
 
 
 def _add_count_flag(run: StreamRun, prefix: str, n: int, text: str) -> None:
@@ -106,6 +116,7 @@ class StreamLoader:
         self.pii = PiiTransformer(spec.transform.pii, salt)
         self.soft = spec.cdc.delete_mode == "soft"
         self.segment_rows = segment_rows
+        self.suppression = Suppression.load(wh, spec.name)  # erased subjects never come back
         self.runs: dict[str, StreamRun] = {}
         self.notes: list[str] = []
 
@@ -138,6 +149,10 @@ class StreamLoader:
         return run
 
     def load(self, req: LoadRequest) -> LoadResult:
+        with session(self.wh):  # one warehouse connection for the whole load (DuckDB)
+            return self._load(req)
+
+    def _load(self, req: LoadRequest) -> LoadResult:
         started = time.perf_counter()
         target = resolve_target(self.spec, self.source, req.table, req.keys or ())
         run = self.run_for(req.stream, str(target.ref), req.kind)
@@ -188,7 +203,7 @@ class StreamLoader:
             self.wh.meta_dataset, self.spec.name, self.source.id, req.stream, str(target.ref), self.run_id
         )
         dedup = spec_for(self.spec.transform.deduplicate, req.stream, target.ref.table)
-        counts = {"read": 0, "superseded": 0}
+        counts = {"read": 0, "superseded": 0, "suppressed": 0}
         raised: list[BaseException] = []
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -204,6 +219,9 @@ class StreamLoader:
                     continue
                 counts["read"] += batch.num_rows
                 data = plan.apply(pa.Table.from_batches([batch]))
+                if self.suppression:
+                    data, gone = self.suppression.split(data, self.pii.hasher, str(target.ref))
+                    counts["suppressed"] += gone
                 if self.soft and DELETED_COL not in data.column_names:
                     data = data.append_column(DELETED_COL, pa.array([False] * data.num_rows, pa.bool_()))
                 if dedup is not None:
@@ -232,8 +250,10 @@ class StreamLoader:
             )
 
         def before_merge(staged_result: WriteResult) -> None:
-            quarantine.flush(self.wh)
             q = self.spec.transform.quarantine
+            if direct:  # one transaction: a failing gate rolls the load back, the quarantine follows below
+                gate.enforce(q.max_share, q.min_rows)
+            quarantine.flush(self.wh)
             gate.enforce(q.max_share, q.min_rows)
             if staged_result.rows_staged and not empty_target:
                 fill_from_target(
@@ -242,28 +262,37 @@ class StreamLoader:
 
         # an empty target and keys unique by construction: INSERT instead of MERGE (see writer.py)
         empty_target = existing is None and req.unique and set(target.keys) == set(req.keys or ())
-        segments = Segments(batches(), self.segment_rows)
+        direct = empty_target and isinstance(self.wh, TransactionalWarehouse)
+        segments = Segments(batches(), 2**62 if direct else self.segment_rows)
         totals = WriteResult(str(target.ref))
         try:
             while True:
-                write = insert_segment if empty_target else write_merge
-                res = write(
-                    self.wh,
-                    target.ref,
-                    table_schema,
-                    staged,
-                    segments.segment(),
-                    merge,
-                    job_key=f"{self.run_id}_{self.source.id}_{req.stream}_{run.loads}_{segments.count}",
-                    state=state,
-                    before_merge=before_merge,
-                )
+                if direct and isinstance(self.wh, TransactionalWarehouse):  # all in one transaction
+                    res = insert_direct(
+                        self.wh, target.ref, table_schema, staged, segments.segment(), merge, state, before_merge
+                    )
+                else:
+                    write = insert_segment if empty_target else write_merge
+                    res = write(
+                        self.wh,
+                        target.ref,
+                        table_schema,
+                        staged,
+                        segments.segment(),
+                        merge,
+                        job_key=f"{self.run_id}_{self.source.id}_{req.stream}_{run.loads}_{segments.count}",
+                        state=state,
+                        before_merge=before_merge,
+                    )
                 totals.inserted += res.inserted
                 totals.updated += res.updated
                 totals.deleted += res.deleted
+                faults.checkpoint("mid_merge")  # a chunk's MERGE + position committed; the run's next follow
                 if segments.exhausted:
                     break
         except Exception as exc:
+            if direct and isinstance(exc, QualityGateError):
+                quarantine.flush(self.wh)  # the load was rolled back; the rejected rows are still recorded
             if raised and raised[0] is not exc:
                 raise raised[0] from exc  # e.g. a TransientError from the source, not DuckDB's wrapper
             raise
@@ -272,6 +301,8 @@ class StreamLoader:
             run.rows_read += counts["read"]
             if counts["superseded"]:
                 _add_count_flag(run, "dedup: ", counts["superseded"], SUPERSEDED_NOTE)
+            if counts["suppressed"]:
+                _add_count_flag(run, "privacy: ", counts["suppressed"], SUPPRESSED_NOTE)
             run.rows_quarantined += gate.rows_failed  # distinct rows (a row may fail two rules)
             for rule, k in gate.by_rule.items():
                 run.quarantined_by_rule[rule] = run.quarantined_by_rule.get(rule, 0) + k
@@ -341,6 +372,12 @@ class StreamLoader:
         keys: tuple[str, ...] | None = None,
     ) -> int:
         """Hard-delete (or flag ``_deleted``) target rows whose key the source no longer has."""
+        with session(self.wh):
+            return self._delete_missing(table, key_schema, batches, keys)
+
+    def _delete_missing(
+        self, table: TableSpec, key_schema: pa.Schema, batches: Iterable[pa.RecordBatch], keys: tuple[str, ...] | None
+    ) -> int:
         target = resolve_target(self.spec, self.source, table, keys or ())
         run = self.run_for(table.name, str(target.ref))
         if self.wh.table_schema(target.ref) is None:

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from opsloop.errors import OpsloopError
+from opsloop.transform import pyvalues
 from opsloop.warehouse.base import TableRef, Warehouse
 
 RUNS_TABLE = "_ingest_runs"
@@ -117,9 +118,8 @@ def record_runs(wh: Warehouse, pipeline: str, run_id: str, runs: list[StreamRun]
     if not runs:
         return
     now = datetime.now(UTC)
-    cols: dict[str, list[Any]] = {name: [] for name in RUNS_SCHEMA.names}
-    for r in runs:
-        values = {
+    rows = [
+        {
             "pipeline": pipeline,
             "source": r.source,
             "stream": r.stream,
@@ -137,10 +137,10 @@ def record_runs(wh: Warehouse, pipeline: str, run_id: str, runs: list[StreamRun]
             "flags": "; ".join(r.flags) or None,
             "finished_at": now,
         }
-        for k, v in values.items():
-            cols[k].append(v)
+        for r in runs
+    ]
     try:
-        wh.append(_runs_ref(wh), pa.table(cols, schema=RUNS_SCHEMA))
+        wh.append(_runs_ref(wh), pyvalues.table(rows, RUNS_SCHEMA))
     except OpsloopError as exc:  # pragma: no cover - reporting only
         for r in runs:
             r.flags.append(f"run log not written: {exc}")

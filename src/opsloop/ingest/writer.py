@@ -8,20 +8,46 @@
   the position. There is nothing to merge against, so a MERGE would only pay for the dedup window and
   the join; committing the position after the data is safe because a load into an empty target is
   redone from scratch when the position is missing.
+* :func:`insert_direct` is that path on an adapter with transactions (DuckDB): the rows stream
+  straight into the new target inside the transaction that also commits the quarantine rows and the
+  position — no staging copy, no second INSERT; a crash or a failing gate rolls all of it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from opsloop import faults
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, UNCHANGED_COL
-from opsloop.warehouse.base import MergeSpec, StateUpdate, TableRef, TableSchema, Warehouse
+from opsloop.warehouse.base import JobStats, MergeSpec, StateUpdate, TableRef, TableSchema, Warehouse
 from opsloop.warehouse.write import WriteResult, _checked, staging_ref
 
 META = (DELETED_COL, UNCHANGED_COL)
+
+
+@runtime_checkable
+class TransactionalWarehouse(Warehouse, Protocol):
+    """An adapter that can hold one connection and one transaction over several operations."""
+
+    def session(self) -> contextlib.AbstractContextManager[Any]: ...
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def insert_batches(
+        self,
+        ref: TableRef,
+        batches: Iterable[pa.RecordBatch],
+        schema: pa.Schema,
+        columns: Sequence[str] | None = None,
+        skip_flag: str | None = None,
+    ) -> JobStats: ...
+
+
+def session(wh: Warehouse) -> contextlib.AbstractContextManager[Any]:
+    """One connection for the operations in the block where the adapter supports it (DuckDB)."""
+    return wh.session() if isinstance(wh, TransactionalWarehouse) else contextlib.nullcontext()
 
 
 class Segments:
@@ -92,6 +118,36 @@ def insert_segment(
     if update is not None:
         result.jobs.append(wh.commit_state(update))
     wh.drop_table(stg)
+    return result
+
+
+def insert_direct(
+    wh: TransactionalWarehouse,
+    target: TableRef,
+    table_schema: TableSchema,
+    arrow_schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch],
+    spec: MergeSpec,
+    state: Callable[[], StateUpdate | None],
+    before_commit: Callable[[WriteResult], None],
+) -> WriteResult:
+    """:func:`insert_segment` in one transaction, without staging: create the target, stream the rows
+    in, run ``before_commit`` (gate + quarantine), commit the position. Rows flagged deleted are
+    skipped (nothing to delete in a new table)."""
+    result = WriteResult(str(target))
+    with wh.transaction():
+        wh.ensure_table(target, table_schema)
+        job = wh.insert_batches(
+            target, _checked(batches, spec.keys, target), arrow_schema, spec.columns, skip_flag=spec.delete_flag
+        )
+        result.jobs.append(job)
+        result.rows_staged = result.inserted = job.rows
+        faults.checkpoint("after_stage_load")
+        update = state()
+        before_commit(result)
+        faults.checkpoint("after_merge_before_state")
+        if update is not None:
+            result.jobs.append(wh.commit_state(update))
     return result
 
 

@@ -240,6 +240,19 @@ def _signature(ms: ModelSpec) -> Any:
 
 
 def _example(x: Any) -> Any:
-    """A few holdout rows without missing values (JSON-safe) as the logged input example."""
-    sample = x.dropna().head(3)
-    return sample if len(sample) else x.head(1).fillna(0)
+    """One synthetic row as the logged input example: the median of each numeric column, the most
+    frequent value of each other column. Never a real customer's row — model artifacts outlive a
+    GDPR erasure of that customer (docs/runbooks.md#erasure-request)."""
+    import pandas as pd
+
+    row: dict[str, Any] = {}
+    for c in x.columns:
+        s = x[c].dropna()
+        numeric = pd.api.types.is_numeric_dtype(x[c])
+        if s.empty:
+            row[c] = 0.0 if numeric else ""
+        elif numeric:
+            row[c] = float(s.median())
+        else:
+            row[c] = str(s.mode().iloc[0])
+    return pd.DataFrame([row], columns=list(x.columns))

@@ -1,33 +1,44 @@
-"""Batch scoring with bounded memory: population → local Parquet spill → predict_proba chunk by
-chunk → predictions spill → one staged MERGE into the predictions table (+ history, review queue).
+"""Batch scoring with bounded memory: population → local Arrow chunk files → predict_proba chunk
+by chunk → the partition's staging table → one MERGE into the predictions table (+ history, review
+queue). Reading, scoring and staging overlap (:mod:`opsloop.ml.score_io`).
 
-Warehouse access stays short (one streamed read, one MERGE), so K partition processes can share a
-DuckDB file; each partition stages into its own table and MERGEs idempotently on the entity key.
+Warehouse access stays short (one streamed read, on DuckDB a staging load per ``STAGE_FLUSH_ROWS``,
+one MERGE transaction), so K partition processes can share a DuckDB file; each partition stages into its own
+table and MERGEs idempotently on the entity key. The predictions table is untouched until every row
+is scored and staged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opsloop import faults
+from opsloop.ingest.writer import TransactionalWarehouse
 from opsloop.ml.drift import DriftCounter
 from opsloop.ml.features import check_columns, read_feature_batches, stable_bucket, to_frame
 from opsloop.ml.models import ResolvedModels, RulesModel
+from opsloop.ml.score_io import PopulationReader, Stager, prefetched
 from opsloop.ml.sql import merge_from_query
 from opsloop.spec import PipelineSpec
 from opsloop.spec.ml import ScoringSpec
 from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse
-from opsloop.warehouse.write import write_merge
 
 TS = pa.timestamp("us", tz="UTC")
+# rows per staging load while scoring: two DuckDB row groups (122,880 rows each). Whole row groups go
+# straight to the file; a partial one goes through the WAL and is compressed again at the checkpoint
+# that closes the flush's connection (1M rows in loads of 250,000: 3.1 s CPU; of 245,760: 2.2 s)
+STAGE_FLUSH_ROWS = 245_760
 
 
 def prediction_schema(key: str, score_col: str) -> pa.Schema:
@@ -68,25 +79,41 @@ def review_ref(sc: ScoringSpec) -> TableRef:
     return TableRef(sc.dataset, sc.review_table)
 
 
-def risk_buckets(scores: np.ndarray, buckets: dict[str, float]) -> np.ndarray:
-    """The first bucket whose upper bound is above the score (the top bucket includes 1.0)."""
+def _bucket_index(scores: np.ndarray, buckets: dict[str, float]) -> tuple[list[str], np.ndarray]:
     items = sorted(buckets.items(), key=lambda kv: kv[1])
     bounds = np.asarray([b for _, b in items])
-    idx = np.clip(np.searchsorted(bounds, scores, side="right"), 0, len(items) - 1)
-    return np.asarray([n for n, _ in items], dtype=object)[idx]
+    return [n for n, _ in items], np.clip(np.searchsorted(bounds, scores, side="right"), 0, len(items) - 1)
 
 
-def next_actions(scores: np.ndarray, sc: ScoringSpec, cols: dict[str, np.ndarray]) -> np.ndarray:
-    out = np.full(len(scores), None, dtype=object)
+def risk_buckets(scores: np.ndarray, buckets: dict[str, float]) -> np.ndarray:
+    """The first bucket whose upper bound is above the score (the top bucket includes 1.0)."""
+    names, idx = _bucket_index(scores, buckets)
+    return np.asarray(names, dtype=object)[idx]
+
+
+def _action_index(scores: np.ndarray, sc: ScoringSpec, cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row the index of the first matching rule in ``sc.next_best_action``, -1 for none."""
+    out = np.full(len(scores), -1, dtype=np.int64)
     free = np.ones(len(scores), dtype=bool)
-    for rule in sc.next_best_action:
+    for i, rule in enumerate(sc.next_best_action):
         hi = scores <= rule.max_score if rule.max_score >= 1.0 else scores < rule.max_score
         m = free & (scores >= rule.min_score) & hi
         for col, want in rule.when.items():
             m &= np.isin(cols[col], want if isinstance(want, list) else [want])
-        out[m] = rule.action
+        out[m] = i
         free &= ~m
     return out
+
+
+def next_actions(scores: np.ndarray, sc: ScoringSpec, cols: dict[str, np.ndarray]) -> np.ndarray:
+    idx = _action_index(scores, sc, cols)
+    names = np.asarray([r.action for r in sc.next_best_action] + [None], dtype=object)
+    return names[idx]  # -1 → the trailing None
+
+
+def _labels(names: list[str], idx: np.ndarray) -> pa.Array:
+    """Strings by index (-1 → NULL) without a Python object per row."""
+    return pa.array(names, pa.string()).take(pa.array(idx, pa.int64(), mask=idx < 0))
 
 
 def extra_columns(spec: PipelineSpec) -> list[str]:
@@ -112,45 +139,6 @@ class PartitionResult:
     drift: dict[str, Any] | None = None
 
 
-def _spill(batches: Iterator[pa.RecordBatch], path: Path, schema: pa.Schema | None = None) -> int:
-    """Write batches to an uncompressed Arrow IPC file (cheap to write and to re-read in chunks)."""
-    writer: pa.ipc.RecordBatchFileWriter | None = None
-    rows = 0
-    for b in batches:
-        if writer is None:
-            writer = pa.ipc.new_file(path, schema or b.schema)
-        writer.write_batch(b)
-        rows += b.num_rows
-    if writer is None and schema is not None:
-        writer = pa.ipc.new_file(path, schema)
-    if writer is not None:
-        writer.close()
-    return rows
-
-
-def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """Regroup a stream into batches of ``rows`` (the warehouse reader yields smaller ones); fewer,
-    larger predict_proba calls cost less per row, memory stays bounded by ``rows``."""
-    buf: list[pa.RecordBatch] = []
-    have = 0
-    for b in batches:
-        buf.append(b)
-        have += b.num_rows
-        if have >= rows:
-            yield from pa.Table.from_batches(buf).combine_chunks().to_batches(max_chunksize=rows)
-            buf, have = [], 0
-    if buf:
-        yield from pa.Table.from_batches(buf).combine_chunks().to_batches(max_chunksize=rows)
-
-
-def _read_spill(path: Path) -> Iterator[pa.RecordBatch]:
-    # plain reads, not a memory map: mapped pages would count towards this process's RSS
-    with pa.OSFile(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-
-
 def score_partition(
     wh: Warehouse,
     spec: PipelineSpec,
@@ -163,7 +151,12 @@ def score_partition(
     partition: tuple[int, int] | None = None,
     workdir: Path | None = None,
 ) -> PartitionResult:
-    """Score one hash partition (or everything) and MERGE its predictions."""
+    """Score one hash partition (or everything) and MERGE its predictions.
+
+    Three stages overlap: a thread reads the population into local chunk files, this thread runs
+    predict_proba chunk by chunk, a thread loads the scored chunks into the partition's staging table.
+    Once every row is scored and staged, one transaction (DuckDB) MERGEs the staging table into the
+    predictions table and writes the history and the review queue from it."""
     assert spec.model is not None
     fs, sc = spec.model.features, spec.scoring
     key = fs.entity_key
@@ -174,38 +167,59 @@ def score_partition(
     champ = models.champion
     counter = DriftCounter(champ.baseline) if champ.baseline else None
     schema = prediction_schema(key, sc.score_column)
+    stg = TableRef(sc.dataset, f"_stg_{sc.table}_p{part_no}")
+    cols = [key, *fs.columns, *extra]
     with tempfile.TemporaryDirectory(prefix="opsloop-score-", dir=workdir) as tmp:
-        src, out = Path(tmp) / "population.arrow", Path(tmp) / "predictions.arrow"
-        cols = [key, *fs.columns, *extra]
-        population = read_feature_batches(wh, fs, cols, as_of=as_of, partition=partition, batch_rows=sc.chunk_rows)
-        n = _spill(_rebatch(population, sc.chunk_rows), src)
-        scored = (
-            _score_batch(batch, spec, models, counter, res, (scored_at, as_of), run_id, batch_id, part_no, schema)
-            for batch in (_read_spill(src) if n else iter(()))
+        population = PopulationReader(
+            lambda: read_feature_batches(wh, fs, cols, as_of=as_of, partition=partition, batch_rows=sc.chunk_rows),
+            sc.chunk_rows,
+            Path(tmp),
         )
-        _spill(scored, out, schema)
-        res.rows = n
-        faults.checkpoint("after_scoring_before_merge")
-        target = predictions_ref(sc)
-        merge = MergeSpec(target, tuple(schema.names), (key,), order_by=("scored_at",))
-        written = write_merge(
+        stager = Stager(
             wh,
-            target,
-            TableSchema.from_arrow(schema, cluster_by=[key]),
+            stg,
             schema,
-            _read_spill(out),
-            merge,
-            job_key=f"{batch_id}_score_p{part_no}",
-            staging=TableRef(sc.dataset, f"_stg_{sc.table}_p{part_no}"),
+            (key,),
+            predictions_ref(sc),
+            STAGE_FLUSH_ROWS,
+            f"{batch_id}_score_p{part_no}",
+            Path(tmp),
         )
-    res.inserted, res.updated = written.inserted, written.updated
-    _history_and_review(wh, spec, batch_id, part_no, schema)
+        try:
+            # the next chunk's model input is built while this one is scored
+            inputs = prefetched(population, lambda b: (b, _model_input(b, spec, models)))
+            with contextlib.closing(inputs):
+                for batch, x in inputs:
+                    when = (scored_at, as_of)
+                    scored = _score_batch(batch, x, spec, models, counter, res, when, run_id, batch_id, part_no, schema)
+                    stager.put(scored)
+            res.rows = stager.finish()
+        except BaseException:
+            stager.abort()
+            raise
+        finally:
+            population.close()
+    faults.checkpoint("after_scoring_before_merge")
+    faults.checkpoint("after_stage_load")
+    res.inserted, res.updated = _write(wh, spec, stg, schema, res.rows, as_of or scored_at.date(), batch_id, part_no)
     res.drift = counter.to_json() if counter else None
     return res
 
 
+def _model_input(batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedModels) -> pd.DataFrame:
+    assert spec.model is not None
+    x = to_frame(batch, spec.model.features)
+    champ = models.champion
+    if isinstance(champ.model, RulesModel):
+        for c in champ.model.columns:
+            if c not in x.columns:
+                x[c] = batch.column(c).to_numpy(zero_copy_only=False)
+    return x
+
+
 def _score_batch(
     batch: pa.RecordBatch,
+    x: pd.DataFrame,
     spec: PipelineSpec,
     models: ResolvedModels,
     counter: DriftCounter | None,
@@ -215,21 +229,19 @@ def _score_batch(
     batch_id: str,
     part_no: int,
     schema: pa.Schema,
-) -> pa.RecordBatch:
+) -> Callable[[], pa.RecordBatch]:
+    """Score one chunk (``x`` = its model input) and count it into ``res``; returns the function
+    that builds the predictions batch (run by the staging thread, off the scoring path)."""
     assert spec.model is not None
     fs, sc = spec.model.features, spec.scoring
     champ, chall = models.champion, models.challenger
     scored_at, as_of = when
-    x = to_frame(batch, fs)
-    if isinstance(champ.model, RulesModel):
-        for c in champ.model.columns:
-            if c not in x.columns:
-                x[c] = batch.column(c).to_numpy(zero_copy_only=False)
     champ_s = champ.scores(x)
     if counter is not None:
         counter.add(x, champ_s, batch)
     n = len(x)
-    keys = batch.column(fs.entity_key).to_numpy(zero_copy_only=False)
+    key_col = batch.column(fs.entity_key)
+    key_col = key_col if pa.types.is_string(key_col.type) else pc.cast(key_col, pa.string())
     score = champ_s
     served = np.full(n, champ.alias, dtype=object)
     model_version = np.full(n, champ.version, dtype=object)
@@ -237,7 +249,7 @@ def _score_batch(
     if chall is not None:
         chall_s = chall.scores(x)
         if sc.canary_share > 0:
-            canary = stable_bucket(keys) < sc.canary_share
+            canary = stable_bucket(key_col.to_pylist()) < sc.canary_share
             score = np.where(canary, chall_s, champ_s)
             served[canary] = "challenger"
             model_version[canary] = chall.version
@@ -266,66 +278,150 @@ def _score_batch(
         return pa.repeat(pa.scalar(value, typ), n)
 
     canaried = chall is not None and sc.canary_share > 0
-    data = {
-        fs.entity_key: pa.array(keys, pa.string()),
-        sc.score_column: pa.array(np.round(score, 6)),
-        "risk_bucket": pa.array(risk_buckets(score, sc.risk_buckets), pa.string()),
-        "next_best_action": pa.array(next_actions(score, sc, cols), pa.string()),
-        "model_name": pa.array(np.where(served == "challenger", chall.name if chall else "", champ.name), pa.string())
-        if canaried
-        else const(champ.name, pa.string()),
-        "model_version": pa.array(model_version, pa.string()) if canaried else const(champ.version, pa.string()),
-        "model_alias": pa.array(np.where(served == "challenger", "challenger", champ.alias), pa.string())
-        if canaried
-        else const(champ.alias, pa.string()),
-        "served_by": pa.array(served, pa.string()) if canaried else const(champ.alias, pa.string()),
-        "is_fallback": const(champ.is_fallback, pa.bool_()),
-        "champion_score": pa.array(np.round(champ_s, 6)),
-        "challenger_score": pa.array(np.round(chall_s, 6)) if chall_s is not None else const(None, pa.float64()),
-        "challenger_version": const(chall.version if chall else None, pa.string()),
-        "review_status": pa.array(np.where(held, "pending", "not_required"), pa.string())
-        if rv.enabled
-        else const("not_required", pa.string()),
-        "review_reason": pa.array(reason, pa.string()) if rv.enabled else const(None, pa.string()),
-        "score_date": const(as_of or scored_at.date(), pa.date32()),  # the snapshot scored
-        "scored_at": const(scored_at, TS),
-        "run_id": const(run_id, pa.string()),
-        "batch_id": const(batch_id, pa.string()),
-        "partition": const(part_no, pa.int64()),
-    }
-    return pa.RecordBatch.from_pydict(data, schema=schema)
+    return lambda: pa.RecordBatch.from_pydict(
+        {
+            fs.entity_key: key_col,
+            sc.score_column: pa.array(np.round(score, 6)),
+            "risk_bucket": _labels(*_bucket_index(score, sc.risk_buckets)),
+            "next_best_action": _labels([r.action for r in sc.next_best_action], _action_index(score, sc, cols)),
+            "model_name": pa.array(
+                np.where(served == "challenger", chall.name if chall else "", champ.name), pa.string()
+            )
+            if canaried
+            else const(champ.name, pa.string()),
+            "model_version": pa.array(model_version, pa.string()) if canaried else const(champ.version, pa.string()),
+            "model_alias": pa.array(np.where(served == "challenger", "challenger", champ.alias), pa.string())
+            if canaried
+            else const(champ.alias, pa.string()),
+            "served_by": pa.array(served, pa.string()) if canaried else const(champ.alias, pa.string()),
+            "is_fallback": const(champ.is_fallback, pa.bool_()),
+            "champion_score": pa.array(np.round(champ_s, 6)),
+            "challenger_score": pa.array(np.round(chall_s, 6)) if chall_s is not None else const(None, pa.float64()),
+            "challenger_version": const(chall.version if chall else None, pa.string()),
+            "review_status": pa.array(np.where(held, "pending", "not_required"), pa.string())
+            if rv.enabled
+            else const("not_required", pa.string()),
+            "review_reason": pa.array(reason, pa.string()) if rv.enabled else const(None, pa.string()),
+            "score_date": const(as_of or scored_at.date(), pa.date32()),  # the snapshot scored
+            "scored_at": const(scored_at, TS),
+            "run_id": const(run_id, pa.string()),
+            "batch_id": const(batch_id, pa.string()),
+            "partition": const(part_no, pa.int64()),
+        },
+        schema=schema,
+    )
 
 
-def _history_and_review(wh: Warehouse, spec: PipelineSpec, batch_id: str, part_no: int, schema: pa.Schema) -> None:
-    """Copy this partition's rows into the history (one row per entity and score date: the rows of
-    a rerun replace the earlier ones) and the held ones into the review queue — in the warehouse."""
+def _write(
+    wh: Warehouse,
+    spec: PipelineSpec,
+    stg: TableRef,
+    schema: pa.Schema,
+    staged: int,
+    score_date: date,
+    batch_id: str,
+    part_no: int,
+) -> tuple[int, int]:
+    """MERGE the staging table into the predictions, replace this partition's rows of the score date
+    in the history, queue the held rows for review, drop the staging table — on DuckDB in one
+    transaction. Returns (inserted, updated)."""
     assert spec.model is not None
     sc, key = spec.scoring, spec.model.features.entity_key
-    p = predictions_ref(sc)
+    target, hist = predictions_ref(sc), history_ref(sc)
+    table_schema = TableSchema.from_arrow(schema, cluster_by=[key])
+    tx = wh.transaction() if isinstance(wh, TransactionalWarehouse) else contextlib.nullcontext()
+    inserted = updated = 0
+    with tx:
+        wh.ensure_table(target, table_schema)
+        wh.ensure_table(hist, table_schema)
+        if staged:
+            source = wh.quote(stg)  # the history and the review queue read the staged rows…
+            params: dict[str, Any] = {}
+            if _unique_keys(wh, stg, key):
+                inserted, updated = _replace_newer(wh, target, stg, schema, key)
+            else:  # …or, after a deduplicating MERGE, the one row per key it kept
+                merged = wh.merge(
+                    MergeSpec(target, tuple(schema.names), (key,), order_by=("scored_at",)),
+                    stg,
+                    job_key=f"{stg.table}_merge",
+                )
+                inserted, updated = merged.inserted, merged.updated
+                source, params = _merged_rows(wh, target, batch_id, part_no)
+            _history_and_review(wh, spec, source, params, schema, score_date, part_no)
+        wh.drop_table(stg)
+    return inserted, updated
+
+
+def _unique_keys(wh: Warehouse, stg: TableRef, key: str) -> bool:
+    """DuckDB: one staged row per key (a feature table may hold duplicates)? Elsewhere: not checked."""
+    if not (isinstance(wh, TransactionalWarehouse) and wh.dialect == "duckdb"):
+        return False
     q = wh.quote
-    where = f"{q('batch_id')} = {wh.param('b')} AND {q('partition')} = {wh.param('p')}"
-    params = {"b": batch_id, "p": part_no}
+    return not wh.query(f"SELECT COUNT(*) - COUNT(DISTINCT {q(key)}) AS d FROM {q(stg)}").column(0)[0].as_py()
+
+
+def _replace_newer(wh: Warehouse, target: TableRef, stg: TableRef, schema: pa.Schema, key: str) -> tuple[int, int]:
+    """The MERGE on the entity key (newer ``scored_at`` wins, a replayed run changes nothing) for a
+    staging table with one row per key, as two DuckDB statements: delete the target rows it replaces,
+    insert the staged rows whose key is then absent. No deduplication window and no work table, which
+    the generic MERGE (:func:`opsloop.warehouse.merge.merge_plan`) needs: 1M rows 1.8 s CPU, not 3.0 s."""
+    q = wh.quote
+    k, ts = q(key), q("scored_at")
+    replaced = wh.execute(
+        f"DELETE FROM {q(target)} AS t USING {q(stg)} AS s WHERE t.{k} = s.{k} AND (t.{ts} IS NULL OR s.{ts} > t.{ts})",
+        kind="dml",
+    ).rows
+    cols = ", ".join(q(c) for c in schema.names)
+    added = wh.execute(
+        f"INSERT INTO {q(target)} ({cols}) SELECT {', '.join(f's.{q(c)}' for c in schema.names)} "
+        f"FROM {q(stg)} AS s ANTI JOIN {q(target)} AS t ON t.{k} = s.{k}",
+        kind="dml",
+    ).rows
+    return added - replaced, replaced
+
+
+def _merged_rows(wh: Warehouse, target: TableRef, batch_id: str, part_no: int) -> tuple[str, dict[str, Any]]:
+    """The rows this run's MERGE wrote (one per key), as a source for the history and the review queue."""
+    q = wh.quote
+    sql = f"(SELECT * FROM {q(target)} WHERE {q('batch_id')} = {wh.param('b')} AND {q('partition')} = {wh.param('p')})"
+    return sql, {"b": batch_id, "p": part_no}
+
+
+def _history_and_review(
+    wh: Warehouse,
+    spec: PipelineSpec,
+    source: str,
+    params: dict[str, Any],
+    schema: pa.Schema,
+    score_date: date,
+    part_no: int,
+) -> None:
+    """This run's rows (``source``: the quoted staging table, or :func:`_merged_rows` with its
+    ``params``) replace this partition's rows of the score date in the history — one row per entity
+    and score date, a rerun replaces the earlier rows — and the held ones go to the review queue."""
+    assert spec.model is not None
+    sc, key = spec.scoring, spec.model.features.entity_key
+    q = wh.quote
     hist = history_ref(sc)
-    wh.ensure_table(hist, TableSchema.from_arrow(schema, cluster_by=[key]))
     cols = ", ".join(q(c) for c in schema.names)
     wh.execute(
-        f"DELETE FROM {q(hist)} WHERE {q('score_date')} IN (SELECT DISTINCT {q('score_date')} FROM {q(p)} "
-        f"WHERE {where}) AND {q(key)} IN (SELECT {q(key)} FROM {q(p)} WHERE {where})",
-        params,
+        f"DELETE FROM {q(hist)} WHERE {q('score_date')} = {wh.param('d')} "
+        f"AND {q(key)} IN (SELECT {q(key)} FROM {source})",
+        {**params, "d": score_date},
         kind="dml",
     )
-    wh.execute(f"INSERT INTO {q(hist)} ({cols}) SELECT {cols} FROM {q(p)} WHERE {where}", params, kind="dml")
+    wh.execute(f"INSERT INTO {q(hist)} ({cols}) SELECT {cols} FROM {source}", params or None, kind="dml")
     if sc.review.enabled:
         sel = (
             f"SELECT {q(key)}, {q('run_id')}, {q('batch_id')}, {q('score_date')}, {q(sc.score_column)} AS score, "
             f"{q('review_reason')}, 'pending' AS status, {q('scored_at')} AS queued_at, "
             f"CAST(NULL AS {'TIMESTAMP' if wh.dialect == 'bigquery' else 'TIMESTAMPTZ'}) AS decided_at, "
             f"CAST(NULL AS STRING) AS decided_by, CAST(NULL AS STRING) AS note "
-            f"FROM {q(p)} WHERE {where} AND {q('review_status')} = 'pending'"
+            f"FROM {source} WHERE {q('review_status')} = 'pending'"
         )
         if wh.dialect != "bigquery":
             sel = sel.replace("AS STRING)", "AS VARCHAR)")
-        merge_from_query(wh, review_ref(sc), sel, params, (key, "run_id"), f"_p{part_no}")
+        merge_from_query(wh, review_ref(sc), sel, params or None, (key, "run_id"), f"_p{part_no}")
 
 
 def check_scoring_spec(spec: PipelineSpec, source: str) -> None:

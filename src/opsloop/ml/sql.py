@@ -72,6 +72,15 @@ def merge_from_query(
     return result
 
 
+def sample_predicate(wh: Warehouse, column: str, fraction: float) -> str:
+    """SQL that is true for a stable ``fraction`` of the keys (hash of ``column``; same rows every time)."""
+    keep = max(0, min(1_000_000, int(fraction * 1_000_000)))
+    col = wh.quote(column)
+    if wh.dialect == "bigquery":
+        return f"MOD(ABS(FARM_FINGERPRINT(CAST({col} AS STRING))), 1000000) < {keep}"
+    return f"(hash(CAST({col} AS VARCHAR)) % 1000000) < {keep}"
+
+
 def partition_predicate(wh: Warehouse, column: str, partitions: int, partition: int) -> str:
     """SQL that is true for the rows of hash partition ``partition`` of ``partitions`` (stable per dialect)."""
     if not 0 <= partition < partitions:

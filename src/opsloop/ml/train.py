@@ -27,6 +27,7 @@ from opsloop.ml.drift import baseline_stats
 from opsloop.ml.features import check_columns, default_jobs, make_preprocessor, read_feature_batches, target_array
 from opsloop.ml.features import to_frame as features_frame
 from opsloop.ml.report import fairness_report, feature_importance, save_plots
+from opsloop.ml.sql import sample_predicate
 from opsloop.spec.ml import FeatureSpec, ModelSpec
 from opsloop.warehouse.base import TableRef
 
@@ -58,6 +59,7 @@ class TrainData:
     unlabelled: int = 0
     as_of: date | None = None
     table: pa.Table | None = None  # every column of the labelled rows (to score older champions)
+    sampled_from: int | None = None  # rows in the snapshot when model.trainSample cut it down
 
 
 @dataclass
@@ -85,7 +87,8 @@ def load_training_data(wh: Any, ms: ModelSpec, as_of: date | None, batch_rows: i
     cols = list(dict.fromkeys([fs.entity_key, *fs.columns, fs.target, *extra, *(schema.names if schema else [])]))
     if fs.as_of is not None and as_of is None:
         raise TerminalError("train: an as-of date is required for a feature table with an asOf column")
-    batches = list(read_feature_batches(wh, fs, cols, as_of=as_of, batch_rows=batch_rows))
+    where, sampled_from = _sample_where(wh, ms, as_of)
+    batches = list(read_feature_batches(wh, fs, cols, as_of=as_of, where=where, batch_rows=batch_rows))
     if not batches:
         raise TerminalError(f"train: {fs.dataset}.{fs.table} has no rows as of {as_of}")
     table = pa.Table.from_batches(batches)
@@ -107,7 +110,24 @@ def load_training_data(wh: Any, ms: ModelSpec, as_of: date | None, batch_rows: i
         unlabelled=unlabelled,
         as_of=as_of,
         table=labelled,
+        sampled_from=sampled_from,
     )
+
+
+def _sample_where(wh: Any, ms: ModelSpec, as_of: date | None) -> tuple[str | None, int | None]:
+    """``model.trainSample``: a stable hash sample of the snapshot's keys when it has more rows."""
+    if ms.train_sample is None:
+        return None, None
+    fs = ms.features
+    sql = f"SELECT COUNT(*) AS n FROM {wh.quote(TableRef(fs.dataset, fs.table))}"
+    params: dict[str, Any] | None = None
+    if as_of is not None and fs.as_of is not None:
+        sql += f" WHERE {wh.quote(fs.as_of)} = {wh.param('as_of')}"
+        params = {"as_of": as_of}
+    total = int(wh.query(sql, params).column(0)[0].as_py() or 0)
+    if total <= ms.train_sample:
+        return None, None
+    return sample_predicate(wh, fs.entity_key, ms.train_sample / total), total
 
 
 def check_target(y: np.ndarray, ms: ModelSpec) -> None:
@@ -200,7 +220,12 @@ def train(data: TrainData, ms: ModelSpec, out_dir: Path) -> TrainResult:
         fairness=fairness,
         importance=importance,
         plots=plots,
-        rows={"train": len(train_idx), "holdout": len(test_idx), "unlabelled": data.unlabelled},
+        rows={
+            "train": len(train_idx),
+            "holdout": len(test_idx),
+            "unlabelled": data.unlabelled,
+            **({"sampled_from": data.sampled_from} if data.sampled_from else {}),
+        },
         holdout_table=data.table.take(pa.array(test_idx)) if data.table is not None else None,
     )
 

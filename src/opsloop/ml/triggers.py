@@ -47,8 +47,19 @@ def _ensure(wh: Warehouse) -> TableRef:
 def add_trigger(
     wh: Warehouse, spec: PipelineSpec, source: str, reason: str, run_id: str, consumed: bool = False
 ) -> str:
-    """Append a trigger (``source``: drift | concept_drift | schedule | manual | trained)."""
+    """Append a trigger (``source``: drift | concept_drift | schedule | manual | trained).
+
+    A pending trigger with the same source and reason is not appended again (its id is returned):
+    the rerun of a failed nightly scores again and must not queue the same reason twice."""
     ref = _ensure(wh)
+    if not consumed:
+        same = wh.query(
+            f"SELECT trigger_id FROM {wh.quote(ref)} WHERE pipeline = {wh.param('p')} AND model_name = {wh.param('m')} "
+            f"AND source = {wh.param('s')} AND reason = {wh.param('r')} AND consumed_at IS NULL",
+            {"p": spec.name, "m": spec.model.name if spec.model else "", "s": source, "r": reason[:1000]},
+        ).to_pylist()
+        if same:
+            return str(same[0]["trigger_id"])
     now = datetime.now(UTC)
     tid = uuid.uuid4().hex
     row = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -36,8 +36,9 @@ from psycopg import pq, sql
 from opsloop import faults
 from opsloop.errors import ConfigError, TerminalError, TransientError
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, LoadRequest, Position, Sink, parse_extra
-from opsloop.sources.pgcopy import PgTable, copy_to_arrow, describe_table
-from opsloop.sources.pgoutput import ChangeBatch, TableChanges, lsn_to_int, lsn_to_str
+from opsloop.sources.pgchanges import TableChanges
+from opsloop.sources.pgcopy import PgTable, copy_to_arrow, copy_values, describe_table
+from opsloop.sources.pgoutput import ChangeBatch, lsn_to_int, lsn_to_str
 from opsloop.sources.postgres import SourceReport, table_keys, translate
 from opsloop.spec import TableSpec
 
@@ -303,16 +304,13 @@ class PostgresCdc:
             time.sleep(0.05)
         return end
 
-    def _peek(self, conn: psycopg.Connection, upto: str) -> Iterator[bytes]:
-        with conn.transaction(), conn.cursor(name="opsloop_cdc_peek", binary=True) as cur:
-            cur.itersize = 5000
-            cur.execute(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s, "
-                "'proto_version', '1', 'publication_names', %s)",
-                (self.slot, upto, self.batch_changes, self.publication),
-            )
-            for (data,) in cur:
-                yield data
+    def _peek(self, conn: psycopg.Connection, upto: str, batch: ChangeBatch) -> None:
+        """Up to ``batch_changes`` changes (whole transactions) as one buffer, by binary COPY."""
+        query = sql.SQL(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes({}, {}::pg_lsn, {}, "
+            "'proto_version', '1', 'publication_names', {})"
+        ).format(*(sql.Literal(v) for v in (self.slot, upto, self.batch_changes, self.publication)))
+        batch.feed_buffer(*copy_values(conn, query, f"peek of replication slot {self.slot!r}"))
 
     def _stream(self, conn: psycopg.Connection, cursors: dict[str, int], gen: str) -> None:
         upto = self._wait_flushed(conn)
@@ -324,7 +322,7 @@ class PostgresCdc:
             batch = ChangeBatch(
                 {name: TableChanges(name, keys) for name, (_, _, keys) in self.tables.items()}, dict(cursors)
             )
-            batch.feed(self._peek(conn, upto))
+            self._peek(conn, upto, batch)
             if batch.end_lsn is None:
                 break
             if batch.truncated:
@@ -332,8 +330,11 @@ class PostgresCdc:
                     f"table(s) {sorted(set(batch.truncated))} were TRUNCATEd in the source; CDC cannot express that "
                     "as row deletes. A full resync is needed: rerun ingest with full_refresh=True"
                 )
-            self._commit(conn, batch.end_lsn, gen, cursors, batch.tables)
+            end = batch.end_lsn
             changes += sum(tc.changes for tc in batch.tables.values())
+            data = self._arrow(batch.tables)
+            del batch  # the peek's buffer: not held through the loads
+            self._commit(conn, end, gen, cursors, data)
             batches += 1
         if cursors and lsn_to_int(upto) > min(cursors.values()):
             # nothing (more) published up to the run's end point: move state and slot there, so WAL of
@@ -342,21 +343,29 @@ class PostgresCdc:
         self.report.cursor_after = lsn_to_str(min(cursors.values())) if cursors else None
         self.report.details.update({"cdc_batches": batches, "cdc_changes": changes})
 
+    def _arrow(self, changes: dict[str, TableChanges]) -> dict[str, pa.RecordBatch]:
+        """Each table's changes as one batch, latest version per key (tables without changes left out)."""
+        out = {}
+        for name, (_, info, _) in self.tables.items():
+            tc = changes.get(name)
+            if tc is not None and tc.rows:
+                out[name] = tc.to_arrow({c.name: c for c in info.columns}, [c.name for c in info.columns])
+        return out
+
     def _commit(
-        self, conn: psycopg.Connection, end: int, gen: str, cursors: dict[str, int], changes: dict[str, TableChanges]
+        self, conn: psycopg.Connection, end: int, gen: str, cursors: dict[str, int], data: dict[str, pa.RecordBatch]
     ) -> None:
         """Load every table's changes up to ``end`` (MERGE + position in one warehouse transaction
-        per table), then — and only then — advance the slot to ``end``."""
+        per table), then — and only then — advance the slot to ``end``. ``data`` is emptied: a
+        table's batch is freed once its load has read it."""
         point = lsn_to_str(end)
         for name, (table, info, keys) in self.tables.items():
-            tc = changes.get(name)
-            catalog = {c.name: c for c in info.columns}
-            data = [tc.to_arrow(catalog, [c.name for c in info.columns])] if tc is not None and tc.rows else []
+            schema = data[name].schema if name in data else self._empty_schema(info)
             self.sink.load(
                 LoadRequest(
                     table,
-                    data[0].schema if data else self._empty_schema(info),
-                    data,
+                    schema,
+                    iter([data.pop(name)]) if name in data else [],
                     position=self._position(point, gen),
                     order_by=(LSN_COL,),
                     tiebreak=SEQ_COL,

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from opsloop.errors import TerminalError
 from opsloop.sources import pgtuples
-from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, UNCHANGED_COL
-from opsloop.sources.pgcopy import PgColumn, text_to_arrow
-from opsloop.transform.dedup import latest_per_key
+from opsloop.sources.pgchanges import TableChanges
 
 _I16, _I32, _I64 = struct.Struct("!h"), struct.Struct("!i"), struct.Struct("!q")
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -112,147 +108,25 @@ def parse_relation(buf: bytes) -> Relation:
     return Relation(oid, nsp or "pg_catalog", name, ident, cols)
 
 
-class TableChanges:
-    """The changes of one table in one batch, kept as raw tuples in one byte buffer (plus offsets,
-    LSNs and flags in compact arrays) and decoded column-wise by :mod:`pgtuples` at the end."""
-
-    def __init__(self, table: str, keys: tuple[str, ...]) -> None:
-        self.table = table
-        self.keys = keys
-        self.data = bytearray()
-        self.starts = array("q")
-        self.lsns = array("q")
-        self.seqs = array("q")
-        self.deleted = bytearray()
-        self.versions = array("i")
-        self.relations: list[Relation] = []
-        self.changes = 0
-
-    @property
-    def rows(self) -> int:
-        return len(self.starts)
-
-    @property
-    def relation(self) -> Relation | None:
-        return self.relations[-1] if self.relations else None
-
-    def add(self, rel: Relation, buf: bytes, pos: int, end: int, seq: int, deleted: bool) -> None:
-        if not self.relations or self.relations[-1] is not rel:
-            self.relations.append(rel)
-        self.starts.append(len(self.data))
-        self.data += memoryview(buf)[pos:end]
-        self.lsns.append(0)
-        self.seqs.append(seq)
-        self.deleted.append(1 if deleted else 0)
-        self.versions.append(len(self.relations) - 1)
-        self.changes += 1
-
-    def mark(self, first: int, lsn: int) -> None:
-        """Set the commit LSN of the rows added since ``first`` (at their transaction's commit)."""
-        for i in range(first, len(self.lsns)):
-            self.lsns[i] = lsn
-
-    def truncate(self, rows: int) -> None:
-        """Forget the rows from ``rows`` on (a skipped, already committed transaction)."""
-        if rows < len(self.starts):
-            del self.data[self.starts[rows] :]
-            for arr in (self.starts, self.lsns, self.seqs, self.versions):
-                del arr[rows:]
-            del self.deleted[rows:]
-            self.changes = len(self.starts)
-
-    def _decoded(self, names: list[str], catalog: dict[str, PgColumn]) -> tuple[list[pa.Array], list[np.ndarray]]:
-        """Typed columns ``names`` in row order and their unchanged-TOAST masks."""
-        n = len(self.starts)
-        starts = np.frombuffer(self.starts, dtype=np.int64)
-        versions = np.frombuffer(self.versions, dtype=np.int32)
-        cols: list[list[pa.Array]] = [[] for _ in names]
-        masks: list[list[np.ndarray]] = [[] for _ in names]
-        order: list[np.ndarray] = []
-        for v, rel in enumerate(self.relations):
-            idx = np.flatnonzero(versions == v)
-            if not len(idx):
-                continue
-            order.append(idx)
-            dec = pgtuples.decode(self.data, starts[idx], len(rel.columns))
-            pos = {name: i for i, name in enumerate(rel.names)}
-            types = {c[0]: c[1] for c in rel.columns}
-            for j, name in enumerate(names):
-                col = catalog.get(name) or PgColumn(name, types.get(name, 25), -1, "")
-                i = pos.get(name)
-                text = dec.text[i] if i is not None else pa.nulls(len(idx), pa.string())
-                cols[j].append(text_to_arrow(text, col))
-                masks[j].append(dec.unchanged[i] if i is not None else np.zeros(len(idx), dtype=bool))
-        perm = np.argsort(np.concatenate(order)) if len(order) > 1 else None
-        out, out_masks = [], []
-        for parts, mparts in zip(cols, masks, strict=True):
-            arr = pa.concat_arrays(parts) if parts else pa.nulls(n)
-            mask = np.concatenate(mparts) if mparts else np.zeros(n, dtype=bool)
-            out.append(arr.take(pa.array(perm)) if perm is not None else arr)
-            out_masks.append(mask[perm] if perm is not None else mask)
-        return out, out_masks
-
-    def to_arrow(self, catalog: dict[str, PgColumn], columns: Sequence[str] | None = None) -> pa.RecordBatch:
-        """One batch, latest version per key: the columns (catalog types), ``_lsn``, ``_seq``,
-        ``_deleted`` and — only if some update left TOASTed values out that no earlier version in the
-        batch supplies — ``_unchanged`` (``,col1,col2,``, filled from the target by the loader)."""
-        rel = self.relation
-        assert rel is not None
-        names = list(columns) if columns else rel.names
-        arrays, masks = self._decoded(names, catalog)
-        table = pa.table(
-            [*arrays, pa.array(np.frombuffer(self.lsns, dtype=np.int64)),
-             pa.array(np.frombuffer(self.seqs, dtype=np.int64)),
-             pa.array(np.frombuffer(self.deleted, dtype=np.uint8).astype(bool))],
-            names=[*names, LSN_COL, SEQ_COL, DELETED_COL],
-        )  # fmt: skip
-        for k in self.keys:
-            j = names.index(k) if k in names else -1
-            if j < 0 or table.column(k).null_count or masks[j].any():
-                raise TerminalError(
-                    f"table {self.table}: a change without its key {list(self.keys)} — its REPLICA IDENTITY must "
-                    "cover the merge keys (the primary key, or ALTER TABLE … REPLICA IDENTITY FULL)"
-                )
-        if any(m.any() for m in masks):
-            table = _carry_forward(table, names, masks, self.keys)
-        return latest_per_key(table, self.keys, LSN_COL, tiebreak=SEQ_COL).combine_chunks().to_batches()[0]
-
-
-def _carry_forward(table: pa.Table, names: list[str], masks: list[np.ndarray], keys: tuple[str, ...]) -> pa.Table:
-    """An unchanged TOASTed value takes the value of the latest earlier version of the same key in the
-    batch; what remains unknown is listed in ``_unchanged`` for the loader to fill from the target."""
-    order = pc.sort_indices(table, sort_keys=[*((k, "ascending") for k in keys), (SEQ_COL, "ascending")])
-    table = table.take(order)
-    perm = order.to_numpy()
-    n = table.num_rows
-    idx = np.arange(n)
-    new_group = np.ones(n, dtype=bool)
-    if n > 1:
-        same = np.ones(n - 1, dtype=bool)
-        for k in keys:
-            col = table.column(k)
-            same &= pc.fill_null(pc.equal(col.slice(1), col.slice(0, n - 1)), False).to_numpy(zero_copy_only=False)
-        new_group[1:] = ~same
-    group = np.cumsum(new_group)
-    marks: list[str | None] = [None] * n
-    for j, name in enumerate(names):
-        u = masks[j][perm]
-        if not u.any():
-            continue
-        src = np.maximum.accumulate(np.where(u, -1, idx))
-        found = (src >= 0) & (group[np.maximum(src, 0)] == group)
-        take = np.where(u & found, src, idx)
-        table = table.set_column(j, name, table.column(j).take(pa.array(take)))
-        for i in np.flatnonzero(u & ~found):
-            marks[i] = (marks[i] or ",") + name + ","
-    if any(m is not None for m in marks):
-        table = table.append_column(UNCHANGED_COL, pa.array(marks, pa.string()))
-    return table
+def _be(data: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:
+    """Big-endian unsigned integers of ``width`` bytes at the offsets ``at`` (vectorised)."""
+    if not len(at):
+        return np.zeros(0, dtype=np.int64)
+    raw = np.ascontiguousarray(data[at[:, None] + np.arange(width)])
+    return raw.view(f">u{width}").ravel().astype(np.int64)
 
 
 @dataclass
 class ChangeBatch:
-    """Decodes the rows of one ``pg_logical_slot_peek_binary_changes`` call."""
+    """Decodes the messages of one ``pg_logical_slot_peek_binary_changes`` call in one vectorised pass.
+
+    Per change message (``I``/``U``/``D``) it finds, with numpy over all of them at once, the relation
+    version (the latest ``R`` of its oid before it), the commit that ends its transaction (its ``_lsn``)
+    and the offset of its tuple; an update that carries the old key/row (``K``/``O``) becomes a delete
+    of the old key followed by the new row. Transactions at or below a table's committed LSN are
+    skipped for that table (a replay after a crash); changes after the last commit wait for the next
+    batch. Only ``R`` and ``T`` messages (rare) are parsed one by one.
+    """
 
     tables: dict[str, TableChanges]  # by relation name
     cursors: dict[str, int]  # committed LSN per table: transactions at or below are skipped
@@ -262,65 +136,95 @@ class ChangeBatch:
     skipped_transactions: int = 0
     last_commit_time: datetime | None = None
     truncated: list[str] = field(default_factory=list)
-    _begin: dict[str, int] = field(default_factory=dict)
-    _seq: int = 0
 
     def feed(self, messages: Iterable[bytes]) -> None:
+        """Decode a sequence of messages (one buffer is built; the CDC reader hands one directly)."""
+        buf = bytearray()
+        starts, lens = array("q"), array("q")
         for msg in messages:
-            self._one(msg if isinstance(msg, bytes) else bytes(msg))
+            starts.append(len(buf))
+            lens.append(len(msg))
+            buf += msg
+        self.feed_buffer(buf, np.frombuffer(starts, dtype=np.int64), np.frombuffer(lens, dtype=np.int64))
 
-    def _one(self, buf: bytes) -> None:
-        tag = buf[0]
-        if tag == 66:  # B
-            self._begin = {name: t.rows for name, t in self.tables.items()}
-        elif tag == 67:  # C
-            (end,) = _I64.unpack_from(buf, 10)
-            (ts,) = _I64.unpack_from(buf, 18)
-            self._commit(end, _PG_EPOCH + timedelta(microseconds=ts))
-        elif tag == 82:  # R
-            rel = parse_relation(buf)
-            self.relations[rel.oid] = rel
-        elif tag in (73, 85, 68):  # I U D
-            self._change(tag, buf)
-        elif tag == 84:  # T
-            (n,) = _I32.unpack_from(buf, 1)
-            oids = [_I32.unpack_from(buf, 6 + 4 * i)[0] for i in range(n)]
-            self.truncated += [self.relations[o].name for o in oids if o in self.relations]
-        # Y (type), O (origin), M (message): nothing to do
-
-    def _change(self, tag: int, buf: bytes) -> None:
-        (oid,) = _I32.unpack_from(buf, 1)
-        rel = self.relations.get(oid)
-        if rel is None:
-            raise TerminalError(f"pgoutput: change for unknown relation oid {oid} (no Relation message seen)")
-        table = self.tables.get(rel.name)
-        if table is None:
+    def feed_buffer(self, buf: bytes | bytearray, starts: np.ndarray, lens: np.ndarray) -> None:
+        """Decode the messages at ``starts`` (lengths ``lens``) of ``buf``; the tables keep ``buf``."""
+        data = np.frombuffer(buf, dtype=np.uint8)
+        tags = data[starts] if len(starts) else np.zeros(0, dtype=np.uint8)
+        commits = np.flatnonzero(tags == 67)  # C
+        if not len(commits):
             return
-        self._seq += 1
-        end = len(buf)
-        if tag == 85 and buf[5] in (75, 79):  # update with the old key / row: 'K'|'O' tuple, then 'N' tuple
-            old_end = 6 + pgtuples.tuple_length(buf, 6)
+        commit_end = _be(data, starts[commits] + 10, 8)
+        self.end_lsn, self.transactions = int(commit_end[-1]), len(commits)
+        self.last_commit_time = _PG_EPOCH + timedelta(microseconds=int(_be(data, starts[commits[-1:]] + 18, 8)[0]))
+        rel_at = np.flatnonzero(tags == 82)  # R
+        rels = [parse_relation(bytes(buf[a : a + n])) for a, n in zip(starts[rel_at], lens[rel_at], strict=True)]
+        for rel in rels:
+            self.relations[rel.oid] = rel
+        for i in np.flatnonzero(tags == 84):  # T: the relations as of that message
+            known = {r.oid: r for r, at in zip(rels, rel_at, strict=True) if at < i}
+            msg = bytes(buf[starts[i] : starts[i] + lens[i]])
+            (n,) = _I32.unpack_from(msg, 1)
+            oids = [_I32.unpack_from(msg, 6 + 4 * k)[0] for k in range(n)]
+            self.truncated += [known[o].name for o in oids if o in known]
+        change = np.flatnonzero((tags == 73) | (tags == 85) | (tags == 68))  # I U D
+        change = change[change < commits[-1]]
+        if len(change):
+            self._changes(buf, data, starts[change], tags[change], change, rels, rel_at, commits, commit_end)
+
+    def _changes(
+        self,
+        buf: bytes | bytearray,
+        data: np.ndarray,
+        at: np.ndarray,
+        tag: np.ndarray,
+        index: np.ndarray,
+        rels: list[Relation],
+        rel_at: np.ndarray,
+        commits: np.ndarray,
+        commit_end: np.ndarray,
+    ) -> None:
+        oids = _be(data, at + 1, 4)
+        rel_oids = np.array([r.oid for r in rels], dtype=np.int64)
+        version = np.full(len(at), -1, dtype=np.int64)
+        for oid in np.unique(oids):
+            mine = np.flatnonzero(rel_oids == oid)
+            sel = oids == oid
+            if len(mine):
+                k = np.searchsorted(rel_at[mine], index[sel]) - 1
+                version[sel] = np.where(k >= 0, mine[np.maximum(k, 0)], -1)
+        if (version < 0).any():
+            oid = int(oids[version < 0][0])
+            raise TerminalError(f"pgoutput: change for unknown relation oid {oid} (no Relation message seen)")
+        txn = np.searchsorted(commits, index)  # the commit ending each change's transaction
+        pos, seq, deleted = at + 6, 2 * index, tag == 68  # insert / update 'N' / delete 'K'|'O' tuple at 6
+        old = np.flatnonzero((tag == 85) & np.isin(data[at + 5], (75, 79)))  # update with the old key/row
+        if len(old):
             # delete the old key, then write the new row: when the key did not change, the later
             # version wins the per-key dedup and the delete disappears
-            table.add(rel, buf, 6, old_end, self._seq, True)
-            self._seq += 1
-            table.add(rel, buf, old_end + 1, end, self._seq, False)
-            return
-        table.add(rel, buf, 6, end, self._seq, tag == 68)  # insert / update 'N', delete 'K'|'O' at 6
-
-    def _commit(self, end: int, when: datetime) -> None:
-        self.end_lsn = end
-        self.transactions += 1
-        self.last_commit_time = when
-        skipped = False
+            new = np.array([a + 7 + pgtuples.tuple_length(buf, int(a) + 6) for a in at[old]], dtype=np.int64)
+            deleted = deleted.copy()
+            deleted[old] = True
+            pos, seq = np.concatenate([pos, new]), np.concatenate([seq, seq[old] + 1])
+            deleted = np.concatenate([deleted, np.zeros(len(old), dtype=bool)])
+            version, txn = np.concatenate([version, version[old]]), np.concatenate([txn, txn[old]])
+        lsn = commit_end[txn]
+        # a Relation message repeated unchanged (each transaction may resend it) is the same version:
+        # one decode pass for its rows instead of one per message
+        first: dict[tuple[object, ...], int] = {}
+        same = [first.setdefault((r.oid, r.namespace, r.name, tuple(r.columns)), i) for i, r in enumerate(rels)]
+        version = np.asarray(same, dtype=np.int64)[version]
+        skipped = np.zeros(len(pos), dtype=bool)
         for name, table in self.tables.items():
-            first = self._begin.get(name, 0)
-            if table.rows == first:
+            ids = [i for i, r in enumerate(rels) if r.name == name]
+            of_table = np.isin(version, ids)
+            if not of_table.any():
                 continue
-            if end <= self.cursors.get(name, -1):
-                table.truncate(first)
-                skipped = True
-            else:
-                table.mark(first, end)
-        self.skipped_transactions += int(skipped)
-        self._begin = {}
+            late = of_table & (lsn <= self.cursors.get(name, -1))
+            skipped |= late
+            rows = np.flatnonzero(of_table & ~late)
+            rows = rows[np.argsort(seq[rows], kind="stable")]
+            used = sorted(set(version[rows].tolist()))
+            local = np.searchsorted(np.array(used, dtype=np.int64), version[rows])
+            table.set(buf, pos[rows], lsn[rows], seq[rows], deleted[rows], local, [rels[i] for i in used])
+        self.skipped_transactions = len(np.unique(txn[skipped]))

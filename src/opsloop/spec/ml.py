@@ -102,6 +102,9 @@ class ModelSpec(SpecModel):
     fairness: FairnessSpec | None = None
     min_positives: int = Field(default=20, ge=1)
     retrain_every: Duration | None = None
+    # at most this many rows of the snapshot are read for training: a stable hash sample of the
+    # entity key (the same rows on every rerun); bounds training memory and time on big populations
+    train_sample: int | None = Field(default=None, ge=100)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -185,7 +188,9 @@ class ScoringSpec(SpecModel):
     fallback: FallbackRule | None = None
     fallback_on_mlflow_down: bool = False
     partitions: int = Field(default=1, ge=1, le=256)
-    chunk_rows: int = Field(default=100_000, ge=1)
+    # rows per predict_proba call: two DuckDB row groups; 300 trees cost 9 % more CPU per row in calls of
+    # 100,000 rows than in one call over 1M rows, 2 % more in calls of 245,760
+    chunk_rows: int = Field(default=245_760, ge=1)
     canary_share: float = Field(default=0.0, ge=0, le=1)
     shadow: bool = False
     history_table: Ident = "prediction_history"

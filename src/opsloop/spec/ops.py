@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opsloop.spec.base import Ident, SpecModel, problems
+from opsloop.spec.base import Duration, Ident, SpecModel, problems
 
 
 class WarehouseSettings(SpecModel):
     meta_dataset: Ident = "opsloop_meta"
     maximum_bytes_billed: int | None = Field(default=None, ge=0)
+    # the pipeline lease (opsloop.lease): one run of the pipeline at a time, subflows re-enter it
+    lease_ttl: Duration = timedelta(minutes=10)  # a lease not renewed for this long is stale
+    lease_wait: Duration = timedelta(minutes=10)  # how long a run waits for a busy pipeline, then fails
 
 
 class SignificanceSpec(SpecModel):

@@ -23,12 +23,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from opsloop.errors import QualityGateError, TerminalError
 from opsloop.spec import QualityCheck, SchemaPolicy
 from opsloop.transform.pyvalues import values
+from opsloop.transform.seen import SeenKeys
 from opsloop.warehouse.base import LOGICAL_TO_ARROW, TableSchema, arrow_to_logical
 
 RULE_COL, COLUMN_COL, REASON_COL = "_q_rule", "_q_column", "_q_reason"
@@ -74,7 +76,7 @@ class QualityGate:
     rows_checked: int = 0
     rows_failed: int = 0
     by_rule: Counter[str] = field(default_factory=Counter)
-    _seen: dict[str, list[pa.Array]] = field(default_factory=dict)
+    _seen: dict[str, SeenKeys] = field(default_factory=dict)
 
     def _fmt(self, column: str, value: object) -> str:
         return "<redacted>" if column in self.redact else _show(value)
@@ -157,16 +159,19 @@ class QualityGate:
     def _unique(self, chk: QualityCheck, col: pa.Array) -> pa.Array:
         arr = col
         n = len(arr)
-        idx = pa.array(range(n), pa.int64())
+        idx = pa.array(np.arange(n, dtype=np.int64))
         t = pa.table({"v": arr, "i": idx})
         firsts = t.group_by("v", use_threads=False).aggregate([("i", "first")]).column("i_first")
         dup = pc.invert(pc.is_in(idx, value_set=firsts))
-        seen = self._seen.setdefault(chk.column, [])
-        if seen:
-            dup = pc.or_(dup, pc.is_in(arr, value_set=pa.concat_arrays(seen)))
-        dup = pc.and_(dup, pc.is_valid(arr))
-        seen.append(pc.unique(pc.drop_null(arr)))
-        return dup
+        valid = pc.is_valid(arr)
+        seen = self._seen.setdefault(chk.column, SeenKeys())
+        digests = seen.digests(arr.filter(valid))
+        if len(seen):  # keys of earlier batches of this load
+            earlier = np.zeros(n, dtype=bool)
+            earlier[np.flatnonzero(valid.to_numpy(zero_copy_only=False))] = seen.contains(digests)
+            dup = pc.or_(dup, pa.array(earlier))
+        seen.add(digests)
+        return pc.and_(dup, valid)
 
     def split(self, data: pa.Table) -> tuple[pa.Table, pa.Table | None]:
         """(rows that pass every check, failures or None). Failures hold the failing rows plus

@@ -115,6 +115,20 @@ def _literal(d: Dialect, typ: str, value: str) -> str:
     return f"{typ} '{value}'"
 
 
+def _conditions(d: Dialect, spec: MergeSpec, t: str, s: str) -> tuple[str, str, str | None]:
+    """(newer, not_older, is_delete): when a staging row ``s`` updates / deletes its target row ``t``."""
+    if spec.order_by:
+        ob = d.ident(spec.order_by[0])
+        newer = f"({t}.{ob} IS NULL OR {s}.{ob} > {t}.{ob})"
+        not_older = f"({t}.{ob} IS NULL OR {s}.{ob} >= {t}.{ob})"
+    else:
+        diffs = [f"{t}.{d.ident(c)} IS DISTINCT FROM {s}.{d.ident(c)}" for c in spec.columns if c not in spec.keys]
+        newer = "(" + " OR ".join(diffs) + ")" if diffs else "FALSE"
+        not_older = "TRUE"
+    is_del = f"COALESCE({s}.{d.ident(spec.delete_flag)}, FALSE)" if spec.delete_flag else None
+    return newer, not_older, is_del
+
+
 def merge_sql(
     d: Dialect,
     spec: MergeSpec,
@@ -134,15 +148,7 @@ def merge_sql(
         typ = "DATE" if spec.partition_type == "DATE" else "TIMESTAMP"
         on.append(f"({pc} IS NULL OR {pc} BETWEEN {_literal(d, typ, lo)} AND {_literal(d, typ, hi)})")
     non_keys = [c for c in spec.columns if c not in spec.keys]
-    if spec.order_by:
-        ob = d.ident(spec.order_by[0])
-        newer = f"({t}.{ob} IS NULL OR {s}.{ob} > {t}.{ob})"
-        not_older = f"({t}.{ob} IS NULL OR {s}.{ob} >= {t}.{ob})"
-    else:
-        diffs = [f"{t}.{d.ident(c)} IS DISTINCT FROM {s}.{d.ident(c)}" for c in non_keys]
-        newer = "(" + " OR ".join(diffs) + ")" if diffs else "FALSE"
-        not_older = "TRUE"
-    is_del = f"COALESCE({s}.{d.ident(spec.delete_flag)}, FALSE)" if spec.delete_flag else None
+    newer, not_older, is_del = _conditions(d, spec, t, s)
     clauses = []
     if is_del:
         clauses.append(f"WHEN MATCHED AND {is_del} AND {not_older} THEN DELETE")
@@ -159,6 +165,67 @@ def merge_sql(
         f"USING (\n    {_dedup_source(d, spec, src)}\n) AS {s}\n"
         f"ON {' AND '.join(on)}\n" + "\n".join(clauses)
     )
+
+
+MERGE_WORK = "_opsloop_merge"
+MATCHED_COL = "_opsloop_matched"
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """One MERGE as statements run in order in one transaction. ``counts`` (if any) selects
+    ``inserted, updated, deleted``; without it the adapter reads them from the statement's result."""
+
+    statements: tuple[str, ...]
+    counts: str | None = None
+    cleanup: tuple[str, ...] = ()
+
+
+def merge_plan(
+    d: Dialect, spec: MergeSpec, staging: TableRef, partition_bounds: tuple[str, str] | None = None
+) -> MergePlan:
+    """The MERGE of ``staging`` into the target, in the form each engine runs fastest.
+
+    BigQuery: the one MERGE statement (:func:`merge_sql`). DuckDB: the same semantics as a
+    DELETE + INSERT in one transaction — its MERGE updates row by row in place (100k changes into 1M
+    rows: 1.3 s CPU vs 0.3 s). A temporary work table holds the deduplicated staging rows that change
+    the target (new keys; newer versions; deletes not older than the target row), flagged
+    ``_opsloop_matched``; the matched target rows are deleted, the non-delete rows inserted. Older
+    or equal versions never reach the work table, so a replayed batch changes nothing.
+    """
+    if d.is_bigquery:
+        return MergePlan((merge_sql(d, spec, staging=staging, partition_bounds=partition_bounds),))
+    t, s, m = "t", "s", "m"
+    work = f"temp.main.{d.ident(MERGE_WORK)}"  # session-local, never written to the database file
+    k0 = d.ident(spec.keys[0])
+    on = " AND ".join(f"{t}.{d.ident(k)} = {s}.{d.ident(k)}" for k in spec.keys)
+    newer, not_older, is_del = _conditions(d, spec, t, s)
+    found, missing = f"{t}.{k0} IS NOT NULL", f"{t}.{k0} IS NULL"  # merge keys are never NULL (checked)
+    if is_del:
+        applies = (
+            f"({missing} AND NOT {is_del})\n   OR ({found} AND {is_del} AND {not_older})\n"
+            f"   OR ({found} AND NOT {is_del} AND {newer})"
+        )
+    else:
+        applies = f"{missing} OR {newer}"
+    build = (
+        f"CREATE OR REPLACE TEMP TABLE {d.ident(MERGE_WORK)} AS\n"
+        f"SELECT {s}.*, {found} AS {d.ident(MATCHED_COL)}\n"
+        f"FROM (\n    {_dedup_source(d, spec, d.table(staging))}\n) AS {s}\n"
+        f"LEFT JOIN {d.table(spec.target)} AS {t} ON {on}\nWHERE {applies}"
+    )
+    mk = " AND ".join(f"{t}.{d.ident(k)} = {m}.{d.ident(k)}" for k in spec.keys)
+    delete = f"DELETE FROM {d.table(spec.target)} AS {t} USING {work} AS {m} WHERE {m}.{d.ident(MATCHED_COL)} AND {mk}"
+    cols = ", ".join(d.ident(c) for c in spec.columns)
+    m_del = f"COALESCE({d.ident(spec.delete_flag)}, FALSE)" if spec.delete_flag else "FALSE"
+    keep = f" WHERE NOT {m_del}" if spec.delete_flag else ""
+    insert = f"INSERT INTO {d.table(spec.target)} ({cols}) SELECT {cols} FROM {work}{keep}"
+    matched = d.ident(MATCHED_COL)
+    counts = (
+        f"SELECT count(*) FILTER (WHERE NOT {matched} AND NOT {m_del}), "
+        f"count(*) FILTER (WHERE {matched} AND NOT {m_del}), count(*) FILTER (WHERE {matched} AND {m_del}) FROM {work}"
+    )
+    return MergePlan((build, delete, insert), counts, (f"DROP TABLE IF EXISTS {work}",))
 
 
 STATE_TABLE = "_opsloop_state"
