@@ -119,6 +119,7 @@ def render(
     stages = info.get("stages", {})
     counts = seeded["counts"]
     peaks = info["sampler"].get("peak_rss_mb", {})
+    stage_peaks = [float(v) for k, v in peaks.items() if k in ("ingest", "train", "score", "sync")]
     rows = [
         "| stage | status | wall s | % of run | stage flow run s | Prefect s (sampled) | peak RSS MB | what it did "
         "| figures |",
@@ -177,7 +178,9 @@ def render(
         f"- **Nightly flow wall time: {flow_s:,.0f} s** ({flow_s / 60:.1f} min; child process "
         f"{info['child_wall_s']:,.0f} s including {info['imports_s']:.1f} s of imports). "
         f"Final state: {info['state']}.",
-        f"- **Peak RSS of the flow process: {info['wait4_maxrss_mb']:,.0f} MB** (`wait4` rusage of the child); "
+        f"- **Peak RSS of the flow process: {info['wait4_maxrss_mb']:,.0f} MB** (`wait4` rusage of the child; the "
+        f"stages peak at {min(stage_peaks, default=0):,.0f}–{max(stage_peaks, default=0):,.0f} MB, about DuckDB's "
+        f"`memory_limit` plus the interpreter and its libraries); "
         f"its process tree, sampled every 0.5 s: {info['peak_tree_mb']:,.0f} MB. Services (peak, sampled, "
         f"MB): {svc}. Warehouse file after the run: {info.get('warehouse_mb', 0):,.0f} MB.",
         f"- **Orchestration share: {100 * orch:.2f} %** ({prefect_total:.1f} s of {flow_s:,.0f} s; goal < 5 %). "

@@ -125,23 +125,12 @@ def start_stack(base: Path) -> Stack:
     mport = free_port()
     mlflow_url = f"http://127.0.0.1:{mport}"
     (base / "mlflow").mkdir()
+    store = f"sqlite:///{base / 'mlflow' / 'mlflow.db'}"
+    margs = ["--backend-store-uri", store, "--artifacts-destination", str(base / "mlflow" / "artifacts")]
+    margs += ["--serve-artifacts", "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"]
     mlflow = Service(
         "mlflow-server",
-        [
-            _bin("mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'mlflow' / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(base / "mlflow" / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mport),
-            "--workers",
-            "1",
-        ],
+        [_bin("mlflow"), "server", *margs],
         run,
         health_url=f"{mlflow_url}/health",
         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},

@@ -364,7 +364,8 @@ def _replace_newer(wh: Warehouse, target: TableRef, stg: TableRef, schema: pa.Sc
     """The MERGE on the entity key (newer ``scored_at`` wins, a replayed run changes nothing) for a
     staging table with one row per key, as two DuckDB statements: delete the target rows it replaces,
     insert the staged rows whose key is then absent. No deduplication window and no work table, which
-    the generic MERGE (:func:`opsloop.warehouse.merge.merge_plan`) needs: 1M rows 1.8 s CPU, not 3.0 s."""
+    the generic MERGE (:func:`opsloop.warehouse.merge.merge_plan`) needs: 1M rows in 1.6–2.5 s CPU
+    instead of 3.0–3.6 s (into an empty / a full table)."""
     q = wh.quote
     k, ts = q(key), q("scored_at")
     replaced = wh.execute(
