@@ -57,6 +57,7 @@ LEASE_ARROW = pa.schema(
     ]
 )
 RUNBOOK = "docs/reliability.md#overlap"
+SETTLE_SECONDS = 5.0  # an unconfirmed row younger than this is a taker in a race, not yet a holder
 
 
 class PipelineBusyError(TerminalError):
@@ -74,6 +75,11 @@ class Lease:
     acquired_at: datetime
     heartbeat_at: datetime
     expires_at: datetime
+
+    @property
+    def confirmed(self) -> bool:
+        """Its taker won and confirmed it (or has renewed it since)."""
+        return self.heartbeat_at > self.acquired_at
 
     def describe(self) -> str:
         what = f"flow run {self.holder}"
@@ -175,6 +181,7 @@ class PipelineLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = False
+        self._acquired_at = datetime.now(UTC)
 
     # -- SQL helpers ---------------------------------------------------------------------------
     def _p(self, name: str) -> str:
@@ -204,9 +211,30 @@ class PipelineLease:
         return sorted(found, key=lambda r: (r.acquired_at, r.token))
 
     def current(self) -> Lease | None:
-        """The live lease (the oldest live row), None when the pipeline is free."""
+        """The live lease (see :meth:`holder_of`), None when the pipeline is free."""
         live = self.live(self.rows(), datetime.now(UTC))
-        return live[0] if live else None
+        return self.holder_of(live) if live else None
+
+    @staticmethod
+    def holder_of(live: list[Lease]) -> Lease:
+        """Of the live rows, the one that holds the lease: a row its taker confirmed after winning
+        (the oldest such), else the oldest — other rows are takers that will step back."""
+        return next((r for r in live if r.confirmed), live[0])
+
+    def _confirm(self) -> None:
+        """Mark our row as the winner (heartbeat after acquisition), so waiters name this run and not
+        a competing taker whose row is about to disappear."""
+        now = datetime.now(UTC)
+        self.wh.execute(
+            f"UPDATE {self.wh.quote(self.ref)} SET heartbeat_at = {self._p('now')} "
+            f"WHERE pipeline = {self._p('pipeline')} AND token = {self._p('token')}",
+            {
+                "now": max(now, self._acquired_at + timedelta(microseconds=1)),
+                "pipeline": self.pipeline,
+                "token": self.token,
+            },
+            kind="lease",
+        )
 
     def _delete(self, token: str) -> None:
         self.wh.execute(
@@ -230,6 +258,7 @@ class PipelineLease:
             "expires_at": now + timedelta(seconds=self.ttl),
         }
         self.wh.append(self.ref, pa.Table.from_pylist([row], schema=LEASE_ARROW), job_key=None)
+        self._acquired_at = now
         return token
 
     def stale_reason(self, lease: Lease, now: datetime) -> str | None:
@@ -266,15 +295,20 @@ class PipelineLease:
                 others = [r for r in self.live(after, datetime.now(UTC)) if r.token != token]
                 if not others and any(r.token == token for r in after):
                     self.token, self.owned = token, True
+                    self._confirm()
                     return True
                 self._delete(token)  # another taker came at the same moment: step back, look again
-                time.sleep(random.uniform(0.0, backoff))  # noqa: S311 # nosec B311 - jitter, not security
+                time.sleep(random.uniform(0.0, backoff))  # noqa: S311 - jitter, not a secret
                 backoff = min(backoff * 2, max(self.poll, 0.05))
                 continue
-            win = live[0]
+            win = self.holder_of(live)
             waited = time.monotonic() - started
-            if waited >= self.wait:
+            settling = not win.confirmed and (now - win.acquired_at).total_seconds() < SETTLE_SECONDS
+            if waited >= self.wait and not settling:
                 raise PipelineBusyError(self.busy_message(win, waited))
+            if settling:  # takers racing right now: wait for the one that wins before naming it
+                time.sleep(random.uniform(0.05, 0.2))  # noqa: S311 - jitter, not a secret
+                continue
             if not told:
                 self.log(
                     f"pipeline {self.pipeline} is being processed by {win.describe()}; "

@@ -95,6 +95,7 @@ def fault_lab(
     yield lab
     dispose(template, dsn)
     shutil.rmtree(base, ignore_errors=True)
+    (TEST_HOME / "fault-timings.json").write_text(json.dumps(TIMINGS, indent=1))  # also under pytest-xdist
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -103,7 +104,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("fault lab timings (wall seconds)")
     for name, seconds in TIMINGS.items():
         terminalreporter.write_line(f"{seconds:8.1f}  {name}")
-    (TEST_HOME / "fault-timings.json").write_text(json.dumps(TIMINGS, indent=1))
 
 
 __all__ = ["MODEL", "Lab"]

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from opsloop.lease import LEASE_TABLE, RUNBOOK, PipelineBusyError, PipelineLease, holder_gone, process_identity
@@ -274,6 +275,7 @@ def _race_child(path: str, holder: str, start: float, out: multiprocessing.Queue
         out.put((holder, str(exc)))
 
 
+@pytest.mark.slow  # spawns three interpreters
 def test_racing_processes_exactly_one_wins(tmp_path: Path) -> None:
     path = tmp_path / "race.duckdb"
     DuckDBAdapter(path).execute("SELECT 1")
@@ -296,3 +298,39 @@ def test_racing_processes_exactly_one_wins(tmp_path: Path) -> None:
     later = lease(DuckDBAdapter(path), "after-race")
     assert later.acquire() is True
     assert datetime.now(UTC) - timedelta(minutes=5) < later.current().acquired_at  # type: ignore[union-attr]
+
+
+@pytest.mark.slow  # 30 rounds on fresh files
+def test_heartbeat_and_the_flows_own_writes_open_the_file_side_by_side(tmp_path: Path) -> None:
+    """The heartbeat thread queries the warehouse while the flow's thread streams Arrow data into it:
+    DuckDB failed such a write with "Table Function with name python_arrow_scan does not exist" when
+    both threads created the file's database instance at once (in about half of the rounds here);
+    ``DuckDBAdapter`` now opens one connection at a time per process."""
+    errors: list[str] = []
+    ref = TableRef("ops_ai", "events")
+    data = pa.table({"n": pa.array([1, 2, 3], pa.int64())})
+    for round_ in range(30):
+        path = tmp_path / f"side{round_}.duckdb"
+        DuckDBAdapter(path).append(ref, data)
+        barrier = threading.Barrier(2)
+
+        def beat(path: Path = path, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(30)
+            try:
+                DuckDBAdapter(path).query("SELECT COUNT(*) AS n FROM ops_ai.events")
+            except Exception as exc:
+                errors.append(f"heartbeat: {exc}")
+
+        def write(path: Path = path, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(30)
+            try:
+                DuckDBAdapter(path).insert_batches(ref, data.to_batches(), data.schema)
+            except Exception as exc:
+                errors.append(f"write: {exc}")
+
+        threads = [threading.Thread(target=beat), threading.Thread(target=write)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []

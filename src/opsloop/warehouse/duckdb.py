@@ -11,6 +11,7 @@ keeps one connection for all its operations (an open costs 10–40 ms and each c
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -58,6 +59,14 @@ __all__ = ["DuckDBAdapter", "arrow_schema_logical"]
 # ~2 % of it, on every batch. So a MERGE leaves vacuuming off until deleted rows are this share of
 # the target; then its commit is checkpointed with vacuuming on.
 VACUUM_DEAD_SHARE = 0.2
+
+
+# duckdb.connect() from two threads of one process at the same moment, when neither finds the file's
+# database instance open yet, can hand one of them an instance whose Python table functions are not
+# registered: its next register() + query fails with "Table Function with name python_arrow_scan does
+# not exist" (DuckDB 2.0.1; the pipeline lease's heartbeat thread opens the file beside the flow's own
+# operations). Opening one at a time per process avoids it; the retries below wait outside the lock.
+_CONNECT_LOCK = threading.Lock()
 
 
 class DuckDBAdapter:
@@ -182,7 +191,8 @@ class DuckDBAdapter:
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(self.path, config=config)
+                with _CONNECT_LOCK:
+                    con = duckdb.connect(self.path, config=config)
                 break
             except duckdb.Error as exc:
                 err = translate(exc, self.path)
