@@ -7,7 +7,7 @@ reference: every warehouse table opsloop writes, the CRM records' AI fields, the
 state (``tests/faults/compare.py`` says what identical means per table). Points and outcomes:
 ``docs/reliability.md#fault-points``.
 
-The copies run two at a time (``OPSLOOP_FAULT_WORKERS``, default 2) in a thread pool started by the
+The copies run three at a time (``OPSLOOP_FAULT_WORKERS``, default 3) in a thread pool started by the
 ``fault_runs`` fixture; each test waits for its own copy and judges it. Timings are printed at the
 end of the session (and written to ``<test home>/fault-timings.json``).
 
@@ -61,7 +61,7 @@ KILL = (
 # the one window where the same record is sent twice: logged as confirmed, sync state not yet merged
 RESEND_WINDOW = {"after_push_before_sync_state"}
 CASES = [f"{p}:raise" for p in faults.POINTS] + [f"{p}:kill" for p in KILL]
-WORKERS = int(os.environ.get("OPSLOOP_FAULT_WORKERS", "2"))
+WORKERS = int(os.environ.get("OPSLOOP_FAULT_WORKERS", "3"))  # runs wait on the API half the time
 SF, HS = "salesforce.Contact", "hubspot.contacts"  # pushed one after the other, one batch each on day 1
 # Which destinations' records the failed run confirmed in _sync_log, and which the rerun then sent
 # (a point before the push: none, then both). A raise fails only the destination it hit — the next
