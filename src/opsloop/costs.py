@@ -221,8 +221,10 @@ def build_row(usage: StageUsage, costs: CostSpec, api_used_today: Mapping[str, i
         "rows_scored": int(usage.rows_scored),
         "rows_pushed": int(usage.rows_pushed),
         "total_usd": round(total, 9),
-        "usd_per_1k_ingested": _r(per_1k(total, usage.rows_ingested)),
-        "usd_per_1k_pushed": _r(per_1k(total, usage.rows_pushed)),
+        # unit costs derive from the stored (rounded) total so that a reader dividing
+        # total_usd by the row count gets exactly the figure in the ledger
+        "usd_per_1k_ingested": _r(per_1k(round(total, 9), usage.rows_ingested)),
+        "usd_per_1k_pushed": _r(per_1k(round(total, 9), usage.rows_pushed)),
         "model_name": usage.model_name,
         "model_version": usage.model_version,
         "recorded_at": datetime.now(UTC),

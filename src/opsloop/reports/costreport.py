@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from opsloop.costs import LEDGER_COLUMNS
+from opsloop.costs import LEDGER_COLUMNS, per_1k
 from opsloop.errors import ConfigError
 
 SPLIT = ("bq_usd", "compute_usd", "api_usd")
@@ -191,10 +191,8 @@ def build_report(
     totals = {c: _sum(ledger, c) for c in (*SPLIT, "total_usd", "rows_ingested", "rows_scored", "rows_pushed")}
     totals["runs"] = float(len(runs))
     unit: dict[str, float | None] = {
-        "usd_per_1k_ingested": totals["total_usd"] / totals["rows_ingested"] * 1000
-        if totals["rows_ingested"]
-        else None,
-        "usd_per_1k_pushed": totals["total_usd"] / totals["rows_pushed"] * 1000 if totals["rows_pushed"] else None,
+        "usd_per_1k_ingested": per_1k(totals["total_usd"], int(totals["rows_ingested"])),
+        "usd_per_1k_pushed": per_1k(totals["total_usd"], int(totals["rows_pushed"])),
         "usd_per_run": totals["total_usd"] / len(runs) if runs else None,
     }
     over = [r for r in runs if budget is not None and r.total_usd > budget and budget_pipeline in (None, r.pipeline)]
