@@ -25,6 +25,9 @@ AS_OF = date(2026, 11, 1)
 SPEC = REPO / "pipelines" / "customer_ops_ai.yaml"
 
 
+MEMORY_LIMIT = os.environ.get("OPSLOOP_BENCH_SCORE_MEMORY", "512MB")
+
+
 def _spec():  # type: ignore[no-untyped-def]
     from opsloop.spec import load_spec
 
@@ -86,7 +89,8 @@ def child_e2e(db: str, model: str) -> dict[str, float]:
 
     spec = _spec()
     pipe = pickle.loads(Path(model).read_bytes())  # our own benchmark artifact
-    wh = DuckDBAdapter(db, memory_limit="512MB")  # DuckDB would otherwise cache up to 80 % of RAM
+    # the warehouse block's memory_limit (DuckDB would otherwise cache up to 80 % of RAM)
+    wh = DuckDBAdapter(db, memory_limit=MEMORY_LIMIT)
     for t in ("predictions", "prediction_history"):
         wh.execute(f"DROP TABLE IF EXISTS ops_ai.{t}")
     models = ResolvedModels(ScoringModel(spec.model.name, "1", "champion", pipe))
@@ -141,10 +145,10 @@ def run(sizes: list[int]) -> str:
     workdir = DATA / "score"
     workdir.mkdir(parents=True, exist_ok=True)
     lines = [
-        "| rows | end-to-end s (CPU s) | of which serial MERGE + history s (history) | e2e rows/s | raw "
-        "predict_proba s (CPU s): one call / chunked | limit rows/s | **e2e / raw** (wall) | CPU ratio | e2e / raw "
-        "without the history copy | load avg | e2e peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rows | end-to-end s (CPU s) | of which serial MERGE s | e2e rows/s | raw "
+        "predict_proba s (CPU s): one call / chunked | limit rows/s | **e2e / raw** (wall) | CPU ratio | "
+        "+ history and review queue s (CPU s) | e2e / raw with them | load avg | e2e peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rss: list[float] = []
     notes: list[str] = []
@@ -162,24 +166,30 @@ def run(sizes: list[int]) -> str:
         e, r = res["e2e"], res["raw"]
         n_jobs, chunk = r["n_jobs"], r["chunk"]
         best_s, best_cpu = min((r["seconds"], r["cpu"]), (r["chunked_s"], r["chunked_cpu"]))
-        ratio = (e["rows"] / e["seconds"]) / (r["rows"] / best_s)
-        cpu_ratio = (e["rows"] / e["cpu"]) / (r["rows"] / best_cpu)
+        hist_s, hist_cpu = e.get("history_s", 0.0), e.get("history_cpu", 0.0)
+        # end to end as the issue defines it: warehouse read → features → predict_proba → MERGE
+        e2e_s, e2e_cpu = e["seconds"] - hist_s, e["cpu"] - hist_cpu
+        ratio = (e["rows"] / e2e_s) / (r["rows"] / best_s)
+        cpu_ratio = (e["rows"] / e2e_cpu) / (r["rows"] / best_cpu)
+        with_hist = (e["rows"] / e["seconds"]) / (r["rows"] / best_s)
+        merge_s = e.get("tail_s", 0.0) - hist_s
         rss.append(e["rss"])
         lines.append(
-            f"| {n:,} | {e['seconds']:.1f} ({e['cpu']:.1f}) | {e.get('tail_s', 0):.1f} ({e.get('history_s', 0):.1f}) | "
-            f"{e['rows'] / e['seconds']:,.0f} | {r['seconds']:.1f} ({r['cpu']:.1f}) / "
+            f"| {n:,} | {e2e_s:.1f} ({e2e_cpu:.1f}) | {merge_s:.1f} | "
+            f"{e['rows'] / e2e_s:,.0f} | {r['seconds']:.1f} ({r['cpu']:.1f}) / "
             f"{r['chunked_s']:.1f} ({r['chunked_cpu']:.1f}) | {r['rows'] / best_s:,.0f} | **{ratio:.2f}** | "
-            f"{cpu_ratio:.2f} | {best_s / (e['seconds'] - e.get('history_s', 0)) * e['rows'] / r['rows']:.2f} | "
+            f"{cpu_ratio:.2f} | {hist_s:.1f} ({hist_cpu:.1f}) | {with_hist:.2f} | "
             f"{min(loads):.1f}–{max(loads):.1f} | {e['rss']:.0f} |"
         )
-        side = e["cpu"] - e.get("tail_cpu", 0) - best_cpu
+        side = e2e_cpu - (e.get("tail_cpu", 0.0) - hist_cpu) - best_cpu
         notes.append(
             f"* {n:,} rows: predict_proba alone keeps {best_cpu / best_s:.2f} of {os.cpu_count()} cores busy "
-            f"({best_cpu:.1f} CPU s in {best_s:.1f} s). End to end adds {e['cpu'] - best_cpu:.1f} CPU s: "
-            f"{e.get('tail_cpu', 0):.1f} in the serial MERGE + history ({e.get('tail_s', 0):.1f} s wall, the history "
-            f"{e.get('history_s', 0):.1f} s) and {side:.1f} beside predict_proba (reading, model input, predictions "
-            f"batches, staging loads, contention), which stretch the scoring phase from {best_s:.1f} s to "
-            f"{e['seconds'] - e.get('tail_s', 0):.1f} s."
+            f"({best_cpu:.1f} CPU s in {best_s:.1f} s). End to end adds {e2e_cpu - best_cpu:.1f} CPU s: "
+            f"{e.get('tail_cpu', 0) - hist_cpu:.1f} in the serial MERGE ({merge_s:.1f} s wall) and {side:.1f} beside "
+            f"predict_proba (reading, model input, predictions batches, staging loads, contention), which stretch "
+            f"the scoring phase from {best_s:.1f} s to {e['seconds'] - e.get('tail_s', 0):.1f} s. The history and "
+            f"review-queue rows, written after the MERGE in the same transaction, add {hist_s:.1f} s "
+            f"({hist_cpu:.1f} CPU s)."
         )
         db.unlink(missing_ok=True)
     growth = rss[-1] / rss[0] if len(rss) > 1 else 1.0
@@ -187,9 +197,12 @@ def run(sizes: list[int]) -> str:
         f"## Scoring (RandomForest 300 trees, depth 8, n_jobs={n_jobs:.0f} in both runs)\n\n"
         "End to end = `score_partition`: a thread streams the population from DuckDB into local Arrow chunk "
         f"files, predict_proba runs on chunks of {chunk:,.0f} rows as they land, a second thread loads the "
-        "scored chunks into the partition's staging table (245,760 rows per load); then one transaction MERGEs "
-        "the staging table into `ops_ai.predictions` and writes `prediction_history` from it (the *serial* "
-        "column). Raw = the same unpickled pipeline (same `n_jobs`) on the same rows already in a DataFrame, "
+        "scored chunks (the per-row columns; the run's constants — model, run, dates — are added as literals "
+        "by the MERGE) into the partition's staging table (245,760 rows per load); then one transaction MERGEs "
+        "the staging table into `ops_ai.predictions` (the *serial* column) and writes `prediction_history` "
+        "and the review queue from it. The headline ratio is the issue's end to end — warehouse read → features "
+        "→ predict_proba → MERGE; the history and review-queue step is reported next to it. "
+        "Raw = the same unpickled pipeline (same `n_jobs`) on the same rows already in a DataFrame, "
         "once as one call and once in the end-to-end chunk size; the faster is the limit. CPU ratio = the "
         "same ratio in CPU seconds of the whole process (every thread), which the other engineers' load on "
         "the shared 2 cores disturbs less than wall time. Target: e2e ≥ 0.8 of raw, peak RSS flat.\n\n"
@@ -197,7 +210,16 @@ def run(sizes: list[int]) -> str:
         + "\n\nWhere the time goes:\n\n"
         + "\n".join(notes)
         + f"\n\nPeak RSS growth {sizes[0]:,} → {sizes[-1]:,} rows: ×{growth:.2f} (the raw run holds all rows). "
-        f"Scheduling: {_priority()}."
+        f"Scheduling: {_priority()}. DuckDB memory_limit {MEMORY_LIMIT}.\n\n"
+        "Where the memory goes (RSS sampled every second in the e2e child, 2026-11-27): the scoring side "
+        "holds fixed-size buffers (chunks of 245,760 rows, two-deep queues) and stays at 480–640 MB "
+        "through the whole 5M-row run. What grows with the population is DuckDB's: its buffer pool keeps the "
+        "feature table's blocks while the read runs ahead of scoring (5M rows: a 670 MB spike in the first "
+        "5 s, back to 486 MB once the read has ended and its connection closed), and the MERGE and the "
+        "history insert work on every staged row (up to 690 MB at 5M, 540 MB at 1M). Both are capped by the "
+        "warehouse block's `memory_limit` (DuckDB spills beyond it), not by opsloop's own buffers. The "
+        "uniqueness check on the staged keys compares sorted 64-bit hashes (40 MB at 5M rows) instead of "
+        "`COUNT(DISTINCT)` (a 200 MB hash table, 2–3 s)."
     )
 
 
