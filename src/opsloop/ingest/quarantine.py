@@ -15,14 +15,16 @@ import tempfile
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from opsloop.transform import pyvalues
 from opsloop.transform.quality import COLUMN_COL, REASON_COL, RULE_COL
 from opsloop.warehouse.base import TableRef, Warehouse
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 QUARANTINE_TABLE = "_quarantine"
 QUARANTINE_SCHEMA = pa.schema(
@@ -109,6 +111,8 @@ class QuarantineWriter:
         if self._spill is None:
             fd, name = tempfile.mkstemp(prefix="opsloop-quarantine-", suffix=".parquet")
             os.close(fd)
+            import pyarrow.parquet as pq  # only when a spill is needed (~30 ms of import otherwise)
+
             self._spill_path = Path(name)
             self._spill = pq.ParquetWriter(str(self._spill_path), QUARANTINE_SCHEMA)
         for t in self.buffer:
@@ -121,6 +125,8 @@ class QuarantineWriter:
         if self._spill is not None and self._spill_path is not None:
             self._spill.close()
             self._spill = None
+            import pyarrow.parquet as pq
+
             reader = pq.ParquetFile(str(self._spill_path))
             for i in range(reader.num_row_groups):
                 part = reader.read_row_group(i)

@@ -304,13 +304,16 @@ class PostgresCdc:
             time.sleep(0.05)
         return end
 
-    def _peek(self, conn: psycopg.Connection, upto: str, batch: ChangeBatch) -> None:
-        """Up to ``batch_changes`` changes (whole transactions) as one buffer, by binary COPY."""
+    def _peek(self, conn: psycopg.Connection, upto: str, batch: ChangeBatch) -> int:
+        """Up to ``batch_changes`` changes (whole transactions) as one buffer, by binary COPY; returns
+        the number of messages read."""
         query = sql.SQL(
             "SELECT data FROM pg_logical_slot_peek_binary_changes({}, {}::pg_lsn, {}, "
             "'proto_version', '1', 'publication_names', {})"
         ).format(*(sql.Literal(v) for v in (self.slot, upto, self.batch_changes, self.publication)))
-        batch.feed_buffer(*copy_values(conn, query, f"peek of replication slot {self.slot!r}"))
+        buf, starts, lens = copy_values(conn, query, f"peek of replication slot {self.slot!r}")
+        batch.feed_buffer(buf, starts, lens)
+        return len(starts)
 
     def _stream(self, conn: psycopg.Connection, cursors: dict[str, int], gen: str) -> None:
         upto = self._wait_flushed(conn)
@@ -322,20 +325,26 @@ class PostgresCdc:
             batch = ChangeBatch(
                 {name: TableChanges(name, keys) for name, (_, _, keys) in self.tables.items()}, dict(cursors)
             )
-            self._peek(conn, upto, batch)
+            messages = self._peek(conn, upto, batch)
             if batch.end_lsn is None:
                 break
+            # Postgres stops decoding at the batch limit (after a whole transaction) or at ``upto``:
+            # fewer messages than the limit means everything up to ``upto`` is in this batch, so it
+            # commits that point — no second peek, no second (empty) commit and slot advance
+            last = messages < self.batch_changes
             if batch.truncated:
                 raise TerminalError(
                     f"table(s) {sorted(set(batch.truncated))} were TRUNCATEd in the source; CDC cannot express that "
                     "as row deletes. A full resync is needed: rerun ingest with full_refresh=True"
                 )
-            end = batch.end_lsn
+            end = max(batch.end_lsn, lsn_to_int(upto)) if last else batch.end_lsn
             changes += sum(tc.changes for tc in batch.tables.values())
             data = self._arrow(batch.tables)
             del batch  # the peek's buffer: not held through the loads
             self._commit(conn, end, gen, cursors, data)
             batches += 1
+            if last:
+                break
         if cursors and lsn_to_int(upto) > min(cursors.values()):
             # nothing (more) published up to the run's end point: move state and slot there, so WAL of
             # unpublished tables is released instead of piling up behind an idle slot

@@ -116,6 +116,14 @@ def _be(data: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:
     return raw.view(f">u{width}").ravel().astype(np.int64)
 
 
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values (``np.unique`` imports ``numpy.ma`` on first use: ~50 ms)."""
+    if len(values) < 2:
+        return values.copy()
+    s = np.sort(values)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
 @dataclass
 class ChangeBatch:
     """Decodes the messages of one ``pg_logical_slot_peek_binary_changes`` call in one vectorised pass.
@@ -187,7 +195,7 @@ class ChangeBatch:
         oids = _be(data, at + 1, 4)
         rel_oids = np.array([r.oid for r in rels], dtype=np.int64)
         version = np.full(len(at), -1, dtype=np.int64)
-        for oid in np.unique(oids):
+        for oid in _distinct(oids):
             mine = np.flatnonzero(rel_oids == oid)
             sel = oids == oid
             if len(mine):
@@ -227,4 +235,4 @@ class ChangeBatch:
             used = sorted(set(version[rows].tolist()))
             local = np.searchsorted(np.array(used, dtype=np.int64), version[rows])
             table.set(buf, pos[rows], lsn[rows], seq[rows], deleted[rows], local, [rels[i] for i in used])
-        self.skipped_transactions = len(np.unique(txn[skipped]))
+        self.skipped_transactions = len(_distinct(txn[skipped]))
