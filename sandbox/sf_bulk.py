@@ -236,7 +236,10 @@ def _process(sb: Sandbox, info: dict[str, Any]) -> None:
             if len(row) != width:
                 shape_errors[i] = f"TOO_MANY_OR_FEW_COLUMNS:wrong number of columns ({len(row)} of {width}): --"
                 continue
-            dicts.append({c: (None if v == "#N/A" else v) for c, v in zip(canon, row, strict=True) if v != ""})
+            if "" in row or "#N/A" in row:  # empty: leave unchanged; #N/A: clear
+                dicts.append({c: (None if v == "#N/A" else v) for c, v in zip(canon, row, strict=True) if v != ""})
+            else:
+                dicts.append(dict(zip(canon, row, strict=True)))
         results = write_rows(sb, info["object"], dicts, op, info["externalIdFieldName"]) if dicts else []
         done = iter(results)
         for i, row in enumerate(chunk):

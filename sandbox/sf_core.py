@@ -204,8 +204,7 @@ def write_rows(
     names = canonical_fields(sb, obj, sorted(given))
     if any(k != v for k, v in names.items()):
         rows = [{names[k]: v for k, v in r.items() if k != "attributes"} for r in rows]
-    elif "attributes" in given:
-        rows = [{k: v for k, v in r.items() if k != "attributes"} for r in rows]
+    # else rows keep a Collections record's "attributes": _Plan.apply skips it (no copy per row)
     n = len(rows)
     results = [RowResult() for _ in range(n)]
     existing: dict[str, Rec] = {}
@@ -333,7 +332,7 @@ class _Plan:
                 return None
         coerce = self.coerce
         for k, v in row.items():
-            if k == "Id" or k == skip:
+            if k == "Id" or k == skip or k == "attributes":
                 continue
             if v is None:
                 data.pop(k, None)

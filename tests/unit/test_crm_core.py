@@ -3,10 +3,16 @@ values, gate verdicts, the sandbox's SOQL subset and timestamp formats."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
+import pyarrow as pa
 import pytest
 
+from opsloop.crm.base import BatchResult, BudgetCapReached, SinkBase
 from opsloop.crm.diff import jsonable, payload_hash, significant
 from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy, RetryStats, VendorFailure, call_with_retry
 from opsloop.crm.salesforce import _csv_value
@@ -122,3 +128,84 @@ def test_sandbox_time_formats_and_ids() -> None:
         parse_sf_datetime("2026-01-02 03:04:05+00:00")  # simple-salesforce's bulk2 format is rejected
     ids = {sf_id("003", i) for i in range(1, 2000)}
     assert len(ids) == 1999 and all(len(i) == 18 and i.startswith("003") for i in ids)
+
+
+class _Pipe(SinkBase):
+    """A sink whose 'CRM' is a function: records how many sends overlap."""
+
+    vendor = "Test"
+
+    def __init__(self, fail_at: int | None = None, delay: float = 0.01) -> None:
+        super().__init__("blk", "obj", "ext")
+        self.fail_at, self.delay = fail_at, delay
+        self.active = self.peak = 0
+        self.sent: list[int] = []
+        self.finished: list[int] = []
+        self.lock = threading.Lock()
+
+    def send(self, t: pa.Table, body: int) -> int:
+        def call() -> int:
+            with self.lock:
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+                self.sent.append(body)
+            try:
+                time.sleep(self.delay * (2 if body % 2 == 0 else 1))  # answers arrive out of order
+                if body == self.fail_at:
+                    raise TerminalError(f"request {body} failed")
+                return body
+            finally:
+                with self.lock:
+                    self.active -= 1
+                    self.finished.append(body)
+
+        self.claim_call()
+        return call_with_retry(call, lambda e: None, what="t", block="b", vendor="v", stats=self.stats, counted=True)
+
+    def results(self, n: int, depth: int) -> Iterator[int]:
+        chunks = [pa.table({"i": [i]}) for i in range(n)]
+
+        def parse(t: pa.Table, answer: Any) -> BatchResult:
+            assert t.column("i")[0].as_py() == answer  # each answer is parsed with its own chunk
+            return BatchResult(t, ["updated"], [None], [None], [None])
+
+        build = lambda t: int(t.column("i")[0].as_py())  # noqa: E731
+        for r in self.pipelined(chunks, build, self.send, parse, depth):
+            yield r.rows.column("i")[0].as_py()
+
+    def run(self, n: int, depth: int) -> list[int]:
+        return list(self.results(n, depth))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_pipelined_keeps_order_and_depth(depth: int) -> None:
+    sink = _Pipe()
+    assert sink.run(9, depth) == list(range(9))
+    assert sink.peak <= depth and (depth == 1 or sink.peak > 1) and sink.stats.calls == 9
+
+
+def test_pipelined_error_waits_for_calls_in_flight() -> None:
+    sink = _Pipe(fail_at=3)
+    got: list[int] = []
+    with pytest.raises(TerminalError, match="request 3 failed"):
+        for i in sink.results(9, 2):
+            got.append(i)
+    assert got == [0, 1, 2]  # every result before the failed request was handed back, in order
+    assert sink.active == 0 and sorted(sink.finished) == sorted(sink.sent)  # nothing left running
+    assert max(sink.sent) <= 4  # at most depth - 1 requests were sent beyond the failed one
+
+
+def test_pipelined_consumer_stopping_early_waits_for_calls_in_flight() -> None:
+    sink = _Pipe()
+    gen = sink.results(9, 3)
+    assert next(gen) == 0
+    gen.close()
+    assert sink.active == 0 and sorted(sink.finished) == sorted(sink.sent) and len(sink.sent) <= 4
+
+
+def test_pipelined_budget_is_never_exceeded() -> None:
+    sink = _Pipe(delay=0.005)
+    sink.call_budget = 5
+    with pytest.raises(BudgetCapReached):
+        sink.run(9, 3)
+    assert sink.stats.calls == 5 and sorted(sink.sent) == [0, 1, 2, 3, 4] and sink.active == 0

@@ -12,8 +12,9 @@ runner can stop cleanly and leave the rest for the next run.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol, TypeAlias
@@ -131,6 +132,7 @@ class SinkBase:
     """Shared plumbing: call counting against ``call_budget`` and value formatting."""
 
     vendor = ""
+    pipeline_depth = 2  # requests in flight in :meth:`pipelined`
 
     def __init__(self, block: str, obj: str, external_id_field: str, policy: RetryPolicy | None = None) -> None:
         self.block = block
@@ -147,26 +149,53 @@ class SinkBase:
         build: Callable[[pa.Table], Any],
         send: Callable[[pa.Table, Any], Any],
         parse: Callable[[pa.Table, Any], BatchResult],
+        depth: int | None = None,
     ) -> Iterator[BatchResult]:
-        """Push ``chunks`` one request at a time, building the next request's body while the CRM
-        works on the current one: ``send`` (the HTTP call with its retries and budget check) runs
-        on a worker thread, ``build`` and ``parse`` here. A request is sent only after the previous
-        one's results were handed back (so a crash or a stop between chunks never leaves an
-        unrecorded request behind it), and the call in flight is always waited for."""
+        """Push ``chunks`` with up to ``depth`` (default :attr:`pipeline_depth`) requests in flight,
+        handing back one :class:`BatchResult` per chunk strictly in chunk order.
+
+        ``send`` (the HTTP call with its retries and budget check) runs on worker threads; ``build``
+        and ``parse`` run here, so the CRM works on request k+1 while this thread parses the answer
+        to k (and the caller records it) and builds k+2. Every call in flight is waited for before
+        this generator ends — on success, on an error (the first failed request's exception is
+        raised, in order, after the results before it were handed back) and when the consumer stops
+        early — so no request outlives the push.
+
+        Safety: each request is an upsert by external id, i.e. idempotent. A crash (or a stop)
+        can leave up to ``depth`` requests that reached the CRM but whose answers were never handed
+        back (on top of results the caller received and had not flushed to the sync log yet); their
+        records are not marked confirmed, so the next run's diff selects them again and re-pushes
+        the same values — a second, harmless upsert. ``depth=1`` sends a request only after the
+        previous one's results were handed back (nothing unrecorded beyond the one in flight). The
+        call budget is checked atomically per call (:meth:`claim_call`), so concurrent requests
+        never exceed it; a request refused for the budget raises :class:`BudgetCapReached` in its
+        turn, after every earlier request's results."""
+        depth = max(1, int(depth or self.pipeline_depth))
         it = iter(chunks)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.vendor.lower()}-push")
+        pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=f"{self.vendor.lower()}-push")
+        flight: deque[tuple[pa.Table, Future[Any]]] = deque()
         try:
             chunk = next(it, None)
             body = build(chunk) if chunk is not None else None
-            while chunk is not None:
-                fut = pool.submit(send, chunk, body)
-                following = next(it, None)
-                following_body = build(following) if following is not None else None
+            while chunk is not None or flight:
+                while chunk is not None and len(flight) < depth:
+                    flight.append((chunk, pool.submit(send, chunk, body)))
+                    chunk = next(it, None)
+                    body = build(chunk) if chunk is not None else None
+                done, fut = flight.popleft()
                 answer = fut.result()
-                yield parse(chunk, answer)
-                chunk, body = following, following_body
+                yield parse(done, answer)
         finally:
+            for _, fut in flight:
+                fut.cancel()  # not started yet: never sent
             pool.shutdown(wait=True)
+
+    def claim_call(self) -> None:
+        """Check one more call against the call budget and count it, atomically (requests may be
+        sent from several threads); pass ``counted=True`` to ``call_with_retry`` afterwards."""
+        with self.stats.lock:
+            self.reserve(1)
+            self.stats.calls += 1
 
     def reserve(self, calls: int) -> None:
         """Raise BudgetCapReached if ``calls`` more requests would exceed the call budget."""

@@ -95,7 +95,7 @@ class HubSpotSink(SinkBase):
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], tuple[Any, int, Any]], what: str) -> Any:
         """Call a ``*_with_http_info`` method; note the daily-limit headers; return the data."""
-        self.reserve(1)
+        self.claim_call()
         data, status, headers = call_with_retry(
             fn,
             classify_hubspot,
@@ -105,6 +105,7 @@ class HubSpotSink(SinkBase):
             policy=self.policy,
             stats=self.stats,
             sleep=self.sleep,
+            counted=True,
         )
         daily, left = headers.get("X-HubSpot-RateLimit-Daily"), headers.get("X-HubSpot-RateLimit-Daily-Remaining")
         if daily is not None and left is not None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from opsloop.errors import TerminalError, TransientError
@@ -71,11 +72,15 @@ DEFAULT_POLICY = RetryPolicy()
 
 @dataclass
 class RetryStats:
-    """How many calls were made and how many of them were retries (for the run report)."""
+    """How many calls were made and how many of them were retries (for the run report).
+
+    Updated under ``lock`` by :func:`call_with_retry`, so calls made on several threads (a sink
+    with requests in flight on worker threads) are all counted."""
 
     calls: int = 0
     retries: int = 0
     slept: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def call_with_retry(
@@ -88,17 +93,21 @@ def call_with_retry(
     policy: RetryPolicy = DEFAULT_POLICY,
     stats: RetryStats | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    counted: bool = False,
 ) -> T:
     """Call ``fn`` until it succeeds, a terminal error occurs or the policy gives up.
 
     ``classify`` returns None for exceptions that are not vendor errors (they propagate as-is).
+    ``counted``: the caller already counted the first attempt in ``stats.calls`` (when it checked
+    its call budget — see ``SinkBase.claim_call``); retries are counted here.
     """
     started = time.monotonic()
     attempt = 0
     while True:
         attempt += 1
-        if stats is not None:
-            stats.calls += 1
+        if stats is not None and not (counted and attempt == 1):
+            with stats.lock:
+                stats.calls += 1
         try:
             return fn()
         except (TerminalError, TransientError):
@@ -117,8 +126,9 @@ def call_with_retry(
                 raise TransientError(f"{where} still failing after {attempt} attempt(s): {failure.describe()}") from exc
             log.warning("%s: %s — retry %d in %.2fs", where, failure.describe(), attempt, wait)
             if stats is not None:
-                stats.retries += 1
-                stats.slept += wait
+                with stats.lock:
+                    stats.retries += 1
+                    stats.slept += wait
             sleep(wait)
 
 

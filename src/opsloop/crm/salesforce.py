@@ -131,7 +131,7 @@ class SalesforceSink(SinkBase):
         bulk_threshold: int = 2000,
         bulk_job_rows: int = 100_000,
         policy: RetryPolicy | None = None,
-        poll_interval: float = 0.2,
+        poll_interval: float = 0.05,
         poll_max_interval: float = 5.0,
         job_timeout: float = 3600.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -150,7 +150,7 @@ class SalesforceSink(SinkBase):
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        self.reserve(1)
+        self.claim_call()
         try:
             return call_with_retry(
                 fn,
@@ -161,6 +161,7 @@ class SalesforceSink(SinkBase):
                 policy=self.policy,
                 stats=self.stats,
                 sleep=self.sleep,
+                counted=True,
             )
         finally:
             m = _USAGE_RE.search(str(getattr(self.sf.session, "last_headers", {}).get("Sforce-Limit-Info", "")))
@@ -377,7 +378,7 @@ class SalesforceSink(SinkBase):
                     f"{self.job_timeout:.0f}s; aborted, rerun to push the rest"
                 )
             self.sleep(interval)
-            interval = min(self.poll_max_interval, interval * 1.5)
+            interval = min(self.poll_max_interval, interval * 2)  # 0.05, 0.1, 0.2, … 5 s
 
     def _results(self, job_id: str, kind: str) -> bytes:
         resp = self._call(
