@@ -36,6 +36,18 @@ def _chown_to_pg(path: Path) -> None:
     os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+def _blocking_ancestor(path: Path) -> Path | None:
+    """As root, Postgres runs as ``postgres``: the first directory above ``path`` it cannot enter."""
+    if os.geteuid() != 0:
+        return None
+    uid = pwd.getpwnam("postgres").pw_uid
+    for d in reversed(path.resolve().parents):
+        st = d.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            return d
+    return None
+
+
 @dataclass
 class PgCluster:
     """``base`` holds ``data/`` and ``postgres.log``; both owned by the user running postgres."""
@@ -66,13 +78,22 @@ class PgCluster:
         if (self.data / "PG_VERSION").exists():
             return
         self.base.mkdir(parents=True, exist_ok=True)
+        blocked = _blocking_ancestor(self.base)
+        if blocked is not None:
+            raise ConfigError(
+                f"PostgreSQL runs as user 'postgres' (opsloop was started as root), which cannot enter {blocked} "
+                f"(mode {blocked.stat().st_mode & 0o777:o}) on the way to {self.base}: run `chmod o+x {blocked}` "
+                "or put the checkout in a directory other users can enter"
+            )
         os.chmod(self.base, 0o755)  # noqa: S103 (postgres must traverse it)
         _chown_to_pg(self.base)
-        subprocess.run(
+        res = subprocess.run(
             _as_pg_user(["initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]),
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if res.returncode != 0:
+            raise ConfigError(f"initdb -D {self.data} failed (exit {res.returncode}): {res.stderr.strip()[-800:]}")
 
     def running(self) -> bool:
         if not (self.data / "postmaster.pid").exists():

@@ -494,12 +494,21 @@ def _history_and_review(
     q = wh.quote
     hist = history_ref(sc)
     cols = ", ".join(q(c) for c in schema.names)
-    wh.execute(
-        f"DELETE FROM {q(hist)} WHERE {q('score_date')} = {wh.param('d')} "
-        f"AND {q(key)} IN (SELECT {q(key)} FROM {source})",
-        {**params, "d": score_date},
-        kind="dml",
+    # DuckDB: the first run of a score date has nothing to replace — skip the DELETE, whose
+    # ``IN (SELECT key …)`` builds a set of every staged key (≈ 200 MB at 5M rows) for nothing
+    earlier = wh.dialect != "duckdb" or (
+        wh.query(
+            f"SELECT 1 FROM {q(hist)} WHERE {q('score_date')} = {wh.param('d')} LIMIT 1", {"d": score_date}
+        ).num_rows
+        > 0
     )
+    if earlier:
+        wh.execute(
+            f"DELETE FROM {q(hist)} WHERE {q('score_date')} = {wh.param('d')} "
+            f"AND {q(key)} IN (SELECT {q(key)} FROM {source})",
+            {**params, "d": score_date},
+            kind="dml",
+        )
     wh.execute(f"INSERT INTO {q(hist)} ({cols}) SELECT {cols} FROM {source}", params or None, kind="dml")
     if sc.review.enabled:
         sel = (
