@@ -8,7 +8,6 @@ failure rules or missing ids are reported in a 207 ``errors[]``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from sandbox.app import BadRequest
@@ -88,38 +87,24 @@ def normalize(defn: dict[str, Any] | None, name: str, value: Any) -> tuple[str |
     return text, None
 
 
-def normalizer(defn: dict[str, Any] | None, name: str) -> Callable[[Any], tuple[str | None, dict[str, Any] | None]]:
-    """:func:`normalize` for one property, answering the common cases (a float for a number, a
-    string for a text property, a known option) without the general dispatch."""
+_SLOW, _NUMBER, _OPTION, _TEXT = range(4)
+_Step = tuple[str, int, frozenset[str], dict[str, Any] | None]
+
+
+def _step(defn: dict[str, Any] | None, name: str) -> _Step:
+    """How one property's values are checked: (stored name, fast-path kind, allowed options,
+    definition). The fast paths answer the common cases (a float for a number, a known option, a
+    plain string for a text property) exactly as :func:`normalize` would; anything else goes to it."""
     if defn is None or defn.get("modificationMetadata", {}).get("readOnlyValue"):
-        return lambda value: normalize(defn, name, value)
+        return (defn["name"] if defn else name, _SLOW, frozenset(), defn)
     t = defn["type"]
     if t == "number":
-
-        def number(value: Any) -> tuple[str | None, dict[str, Any] | None]:
-            if type(value) is float:
-                return repr(value), None
-            return normalize(defn, name, value)
-
-        return number
+        return (defn["name"], _NUMBER, frozenset(), defn)
     if t == "enumeration" and defn.get("fieldType") != "checkbox":
-        allowed = {o["value"] for o in defn.get("options", [])}
-
-        def option(value: Any) -> tuple[str | None, dict[str, Any] | None]:
-            if type(value) is str and value in allowed:
-                return value, None
-            return normalize(defn, name, value)
-
-        return option
-    if t not in ("number", "enumeration", "datetime", "date", "bool"):
-
-        def text(value: Any) -> tuple[str | None, dict[str, Any] | None]:
-            if type(value) is str and value and len(value) <= 65536:
-                return value, None
-            return normalize(defn, name, value)
-
-        return text
-    return lambda value: normalize(defn, name, value)
+        return (defn["name"], _OPTION, frozenset(o["value"] for o in defn.get("options", [])), defn)
+    if t not in ("enumeration", "datetime", "date", "bool"):
+        return (defn["name"], _TEXT, frozenset(), defn)
+    return (defn["name"], _SLOW, frozenset(), defn)
 
 
 def validate_batch(sb: Sandbox, obj: str, inputs: list[dict[str, Any]]) -> list[dict[str, str | None]]:
@@ -127,22 +112,34 @@ def validate_batch(sb: Sandbox, obj: str, inputs: list[dict[str, Any]]) -> list[
     props = sb.fields(HUBSPOT, obj)
     out: list[dict[str, str | None]] = []
     problems: list[dict[str, Any]] = []
-    plan: dict[str, tuple[str, Callable[[Any], tuple[str | None, dict[str, Any] | None]]]] = {}
+    plan: dict[str, _Step] = {}
     for item in inputs:
         given = item.get("properties") or {}
-        if not isinstance(given, dict):
+        if type(given) is not dict and not isinstance(given, dict):
             raise BadRequest(hs_error(400, "VALIDATION_ERROR", "properties must be an object"))
         norm: dict[str, str | None] = {}
         for k, v in given.items():
             step = plan.get(k)
             if step is None:
-                defn = props.get(k.lower())
-                step = plan[k] = (defn["name"] if defn else k, normalizer(defn, k))
-            value, problem = step[1](v)
+                step = plan[k] = _step(props.get(k.lower()), k)
+            canon, kind, allowed, defn = step
+            t = type(v)  # the common cases, answered as normalize() would (this runs per property per record)
+            if kind == _NUMBER:
+                if t is float:
+                    norm[canon] = repr(v)
+                    continue
+            elif kind == _OPTION:
+                if t is str and v in allowed:
+                    norm[canon] = v
+                    continue
+            elif kind == _TEXT and t is str and v and len(v) <= 65536:
+                norm[canon] = v
+                continue
+            value, problem = normalize(defn, k, v)
             if problem:
                 problems.append(problem)
             else:
-                norm[step[0]] = value
+                norm[canon] = value
         out.append(norm)
     if problems:
         raise BadRequest(

@@ -3,7 +3,9 @@
 Tables: ``records`` (one row per CRM record, vendor-neutral: id, created/modified epoch ms, deleted
 flag, the writable fields as JSON), ``keys`` (external-id / unique-property index, values
 lower-cased), ``fields`` (Salesforce field and HubSpot property definitions), ``kv`` (settings,
-counters, id sequences) and ``jobs`` (Bulk API 2.0 ingest jobs with their CSV results).
+counters, id sequences), ``jobs`` (Bulk API 2.0 ingest jobs) and ``job_blobs`` (their uploaded CSV
+and CSV results, one row per blob: a job's state changes — every status poll — rewrite only its
+small ``info`` row, not megabytes of CSV; the blob columns of ``jobs`` are read for older state files).
 Everything the sandbox knows survives a restart; 100k records upsert in a few seconds.
 """
 
@@ -41,7 +43,11 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, info TEXT NOT NULL, upload BLOB, success BLOB, failed BLOB, unprocessed BLOB
 );
+CREATE TABLE IF NOT EXISTS job_blobs (
+    id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (id, name)
+) WITHOUT ROWID;
 """
+_BLOBS = ("upload", "success", "failed", "unprocessed")
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -312,15 +318,25 @@ class Store:
                 (info["id"], json.dumps(info)),
             )
             for name, blob in blobs.items():
-                if name not in ("upload", "success", "failed", "unprocessed"):
+                if name not in _BLOBS:
                     raise ValueError(name)
-                self.con.execute(f"UPDATE jobs SET {name} = ? WHERE id = ?", (blob, info["id"]))
+                if blob is None:
+                    self.con.execute("DELETE FROM job_blobs WHERE id = ? AND name = ?", (info["id"], name))
+                else:
+                    self.con.execute(
+                        "INSERT INTO job_blobs(id, name, data) VALUES (?, ?, ?) "
+                        "ON CONFLICT(id, name) DO UPDATE SET data = excluded.data",
+                        (info["id"], name, blob),
+                    )
+                self.con.execute(f"UPDATE jobs SET {name} = NULL WHERE id = ? AND {name} IS NOT NULL", (info["id"],))
 
     def job_blob(self, job_id: str, name: str) -> bytes | None:
-        if name not in ("upload", "success", "failed", "unprocessed"):
+        if name not in _BLOBS:
             raise ValueError(name)
         with self.lock:
-            row = self.con.execute(f"SELECT {name} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self.con.execute("SELECT data FROM job_blobs WHERE id = ? AND name = ?", (job_id, name)).fetchone()
+            if row is None:  # a job written by an older sandbox: the blob columns of ``jobs``
+                row = self.con.execute(f"SELECT {name} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
     def job_list(self) -> list[dict[str, Any]]:
@@ -330,11 +346,12 @@ class Store:
     def job_delete(self, job_id: str) -> None:
         with self.lock:
             self.con.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self.con.execute("DELETE FROM job_blobs WHERE id = ?", (job_id,))
 
     # -- reset ---------------------------------------------------------------------------------
     def wipe(self) -> None:
         with self.lock:
-            for table in ("records", "keys", "fields", "kv", "jobs"):
+            for table in ("records", "keys", "fields", "kv", "jobs", "job_blobs"):
                 self.con.execute(f"DELETE FROM {table}")
             self._fields = None
             self._objects = {}
