@@ -32,7 +32,8 @@ from opsloop.ml.score_io import PopulationReader, Stager, prefetched
 from opsloop.ml.sql import merge_from_query
 from opsloop.spec import PipelineSpec
 from opsloop.spec.ml import ScoringSpec
-from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse
+from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse, arrow_to_logical
+from opsloop.warehouse.merge import DUCKDB_TYPES
 
 TS = pa.timestamp("us", tz="UTC")
 # rows per staging load while scoring: two DuckDB row groups (122,880 rows each). Whole row groups go
@@ -395,16 +396,6 @@ def _write(
     return inserted, updated
 
 
-_DUCKDB_TYPES = {
-    pa.string(): "VARCHAR",
-    pa.float64(): "DOUBLE",
-    pa.bool_(): "BOOLEAN",
-    pa.date32(): "DATE",
-    TS: "TIMESTAMPTZ",
-    pa.int64(): "BIGINT",
-}
-
-
 def _full_columns(
     wh: Warehouse, schema: pa.Schema, consts: dict[str, Any], alias: str
 ) -> tuple[dict[str, str], dict[str, Any]]:
@@ -415,7 +406,7 @@ def _full_columns(
     for f in schema:
         if f.name in consts:
             params[f"c_{f.name}"] = consts[f.name]
-            exprs[f.name] = f"CAST({wh.param(f'c_{f.name}')} AS {_DUCKDB_TYPES[f.type]})"
+            exprs[f.name] = f"CAST({wh.param(f'c_{f.name}')} AS {DUCKDB_TYPES[arrow_to_logical(f.type)]})"
         else:
             exprs[f.name] = f"{alias}.{wh.quote(f.name)}"
     return exprs, params
