@@ -141,7 +141,7 @@ def child_raw(db: str, model: str) -> dict[str, float]:
     return out
 
 
-def run(sizes: list[int]) -> str:
+def run(sizes: list[int], repeats: int = 2) -> str:
     workdir = DATA / "score"
     workdir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -155,15 +155,19 @@ def run(sizes: list[int]) -> str:
     n_jobs = chunk = 0.0
     for n in sizes:
         db, model = prepare(n, workdir)
-        res = {}
+        res: dict[str, list[dict[str, float]]] = {"e2e": [], "raw": []}
+        child = [sys.executable, "-m", "benchmarks.score", "--child"]
         loads = [os.getloadavg()[0]]
-        for mode in ("e2e", "raw"):
-            cmd = [sys.executable, "-m", "benchmarks.score", "--child", mode, "--db", str(db), "--model", str(model)]
-            m = run_measured(cmd)
-            loads.append(os.getloadavg()[0])
-            res[mode] = {**json.loads(m.stdout.strip().splitlines()[-1]), "rss": m.peak_rss_mb}
-            print(f"  {n:>9} {mode}: {res[mode]}", flush=True)
-        e, r = res["e2e"], res["raw"]
+        for _ in range(repeats):  # interleaved, so both see the same machine conditions
+            for mode in ("e2e", "raw"):
+                m = run_measured([*child, mode, "--db", str(db), "--model", str(model)])
+                loads.append(os.getloadavg()[0])
+                res[mode].append({**json.loads(m.stdout.strip().splitlines()[-1]), "rss": m.peak_rss_mb})
+                print(f"  {n:>9} {mode}: {res[mode][-1]}", flush=True)
+        # the best run of each (wall; raw: its faster variant); peak RSS: the highest of the e2e runs
+        e = dict(min(res["e2e"], key=lambda x: x["seconds"] - x.get("history_s", 0.0)))
+        e["rss"] = max(x["rss"] for x in res["e2e"])
+        r = min(res["raw"], key=lambda x: min(x["seconds"], x["chunked_s"]))
         n_jobs, chunk = r["n_jobs"], r["chunk"]
         best_s, best_cpu = min((r["seconds"], r["cpu"]), (r["chunked_s"], r["chunked_cpu"]))
         hist_s, hist_cpu = e.get("history_s", 0.0), e.get("history_cpu", 0.0)
@@ -196,16 +200,18 @@ def run(sizes: list[int]) -> str:
     return (
         f"## Scoring (RandomForest 300 trees, depth 8, n_jobs={n_jobs:.0f} in both runs)\n\n"
         "End to end = `score_partition`: a thread streams the population from DuckDB into local Arrow chunk "
-        f"files, predict_proba runs on chunks of {chunk:,.0f} rows as they land, a second thread loads the "
+        f"files, predict_proba runs on chunks of {chunk:,.0f} rows as they land, a second thread writes the "
         "scored chunks (the per-row columns; the run's constants — model, run, dates — are added as literals "
-        "by the MERGE) into the partition's staging table (245,760 rows per load); then one transaction MERGEs "
-        "the staging table into `ops_ai.predictions` (the *serial* column) and writes `prediction_history` "
-        "and the review queue from it. The headline ratio is the issue's end to end — warehouse read → features "
+        "by the MERGE) to the partition's local staging file (Parquet, uncompressed: DuckDB's staging table, "
+        "read by `read_parquet`); then one transaction MERGEs it into `ops_ai.predictions` (the *serial* "
+        "column) and writes `prediction_history` and the review queue from it. "
+        "The headline ratio is the issue's end to end — warehouse read → features "
         "→ predict_proba → MERGE; the history and review-queue step is reported next to it. "
         "Raw = the same unpickled pipeline (same `n_jobs`) on the same rows already in a DataFrame, "
         "once as one call and once in the end-to-end chunk size; the faster is the limit. CPU ratio = the "
         "same ratio in CPU seconds of the whole process (every thread), which the other engineers' load on "
-        "the shared 2 cores disturbs less than wall time. Target: e2e ≥ 0.8 of raw, peak RSS flat.\n\n"
+        f"the shared 2 cores disturbs less than wall time. Each size: {repeats} interleaved runs of each, the "
+        "faster kept (peak RSS: the higher of the end-to-end runs). Target: e2e ≥ 0.8 of raw, peak RSS flat.\n\n"
         + "\n".join(lines)
         + "\n\nWhere the time goes:\n\n"
         + "\n".join(notes)
@@ -233,6 +239,7 @@ def _priority() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--rows", default=os.environ.get("OPSLOOP_BENCH_SCORE_ROWS", "1000000,5000000"))
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each child per size")
     ap.add_argument("--child", choices=("e2e", "raw"))
     ap.add_argument("--db")
     ap.add_argument("--model")
@@ -242,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out), flush=True)
         return
     sizes = [int(x) for x in args.rows.split(",")]
-    body = run(sizes)
-    write_section("score", body, f"python -m benchmarks.score --rows {args.rows}")
+    body = run(sizes, args.repeats)
+    write_section("score", body, f"python -m benchmarks.score --rows {args.rows} --repeats {args.repeats}")
     print(body)
 
 

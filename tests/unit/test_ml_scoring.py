@@ -18,7 +18,7 @@ from opsloop.devstack.postgres import free_port
 from opsloop.ml import monitor, review, triggers
 from opsloop.ml.features import build_features, stable_bucket
 from opsloop.ml.lifecycle import train_and_register
-from opsloop.ml.models import ResolvedModels, resolve_models
+from opsloop.ml.models import ResolvedModels, ScoringModel, resolve_models
 from opsloop.ml.registry import MLflowAdapter, MLflowUnavailableError
 from opsloop.ml.score import next_actions, risk_buckets, score_partition
 from opsloop.spec import PipelineSpec
@@ -108,6 +108,27 @@ def test_buckets_and_actions() -> None:
     plan = np.array(["enterprise", "basic", "enterprise", "basic"], dtype=object)
     acts = next_actions(np.array([0.9, 0.9, 0.5, 0.1]), spec.scoring, {"plan": plan})
     assert acts.tolist() == ["call", "offer", "none", "none"]
+
+
+def test_prepared_input_gives_the_pipelines_own_scores() -> None:
+    """Batch scoring preprocesses the next chunk ahead and runs only the final estimator on it: the
+    scores must be the pipeline's predict_proba, and a model that is not a Pipeline is left whole."""
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(3)
+    x = pd.DataFrame({"a": rng.normal(size=400), "b": np.where(rng.random(400) < 0.1, np.nan, rng.normal(size=400))})
+    y = (x["a"] + np.nan_to_num(x["b"]) > 0).astype(int)
+    pipe = make_pipeline(SimpleImputer(), RandomForestClassifier(n_estimators=20, random_state=0)).fit(x, y)
+    plain = LogisticRegression().fit(x.fillna(0), y)
+    for model, frame, final in ((pipe, x, True), (plain, x.fillna(0), False)):
+        sm = ScoringModel("m", "1", "champion", model)
+        prepared = sm.prepare(frame)
+        assert prepared.final is final
+        np.testing.assert_array_equal(sm.scores_prepared(prepared), model.predict_proba(frame)[:, 1])
 
 
 @pytest.mark.slow  # shares a module fixture that trains two models (~60 s)

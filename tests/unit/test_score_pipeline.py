@@ -63,8 +63,8 @@ def setup(tmp_path: Path) -> dict[str, Any]:
 
 
 def _small_chunks(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> PipelineSpec:
-    """Chunks of 700 rows and staging loads of 2,000: several loads, each cut inside a chunk."""
-    monkeypatch.setattr(scoring, "STAGE_FLUSH_ROWS", 2_000)
+    """Chunks of 700 rows (several row groups in the staging file) and hash batches of 2,000."""
+    monkeypatch.setattr(scoring, "HASH_BATCH_ROWS", 2_000)
     return spec.model_copy(update={"scoring": spec.scoring.model_copy(update={"chunk_rows": 700})})
 
 
@@ -95,6 +95,10 @@ def test_rebatch_gives_exact_chunks_in_order() -> None:
     batches = [pa.record_batch({"i": np.arange(a, a + s)}) for a, s in zip(start, sizes, strict=False)]
     out = list(rebatch(iter(batches), 4))
     assert [b.num_rows for b in out] == [4, 4, 4, 4, 1]
+    assert np.concatenate([b.column(0).to_numpy() for b in out]).tolist() == list(range(sum(sizes)))
+    # a short first chunk (scoring starts sooner), then full ones
+    out = list(rebatch(iter(batches), 6, first=2))
+    assert [b.num_rows for b in out] == [2, 6, 6, 3]
     assert np.concatenate([b.column(0).to_numpy() for b in out]).tolist() == list(range(sum(sizes)))
 
 

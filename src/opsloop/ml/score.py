@@ -1,11 +1,11 @@
 """Batch scoring with bounded memory: population → local Arrow chunk files → predict_proba chunk
-by chunk → the partition's staging table → one MERGE into the predictions table (+ history, review
-queue). Reading, scoring and staging overlap (:mod:`opsloop.ml.score_io`).
+by chunk → the partition's staging (DuckDB: a local Parquet file; BigQuery: a staging table) → one
+MERGE into the predictions table (+ history, review queue). Reading, scoring and staging overlap
+(:mod:`opsloop.ml.score_io`).
 
-Warehouse access stays short (one streamed read, on DuckDB a staging load per ``STAGE_FLUSH_ROWS``,
-one MERGE transaction), so K partition processes can share a DuckDB file; each partition stages into its own
-table and MERGEs idempotently on the entity key. The predictions table is untouched until every row
-is scored and staged.
+Warehouse access stays short (one streamed read, one MERGE transaction), so K partition processes
+can share a DuckDB file; each partition stages on its own and MERGEs idempotently on the entity key.
+The predictions table is untouched until every row is scored and staged.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from opsloop import faults
 from opsloop.ingest.writer import TransactionalWarehouse
 from opsloop.ml.drift import DriftCounter
 from opsloop.ml.features import check_columns, read_feature_batches, stable_bucket, to_frame
-from opsloop.ml.models import ResolvedModels, RulesModel
-from opsloop.ml.score_io import PopulationReader, Stager, prefetched
+from opsloop.ml.models import Prepared, ResolvedModels, RulesModel
+from opsloop.ml.score_io import PopulationReader, Stager, prefetched, release_memory
 from opsloop.ml.sql import merge_from_query
 from opsloop.spec import PipelineSpec
 from opsloop.spec.ml import ScoringSpec
@@ -36,10 +36,7 @@ from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse, 
 from opsloop.warehouse.merge import DUCKDB_TYPES
 
 TS = pa.timestamp("us", tz="UTC")
-# rows per staging load while scoring: two DuckDB row groups (122,880 rows each). Whole row groups go
-# straight to the file; a partial one goes through the WAL and is compressed again at the checkpoint
-# that closes the flush's connection (1M rows in loads of 250,000: 3.1 s CPU; of 245,760: 2.2 s)
-STAGE_FLUSH_ROWS = 245_760
+HASH_BATCH_ROWS = 245_760  # staged keys hashed per batch by the uniqueness check
 
 
 def prediction_schema(key: str, score_col: str) -> pa.Schema:
@@ -215,22 +212,16 @@ def score_partition(
             sc.chunk_rows,
             Path(tmp),
         )
-        stager = Stager(
-            wh,
-            stg,
-            stage_schema,
-            (key,),
-            predictions_ref(sc),
-            STAGE_FLUSH_ROWS,
-            f"{batch_id}_score_p{part_no}",
-            Path(tmp),
-        )
+        stager = Stager(wh, stg, stage_schema, (key,), predictions_ref(sc), f"{batch_id}_score_p{part_no}", Path(tmp))
         try:
-            # the next chunk's model input is built while this one is scored
-            inputs = prefetched(population, lambda b: (b, _model_input(b, spec, models)))
-            with contextlib.closing(inputs):
-                for batch, x in inputs:
+            # the next chunk's model input (features, the pipeline's preprocessing) is built while the
+            # final estimator scores this one
+            chunks = prefetched(population, lambda b: (b, _model_input(b, spec, models)))
+            with contextlib.closing(chunks):
+                for batch, x in chunks:
                     scored = _score_batch(batch, x, spec, models, counter, res, constants, stage_schema)
+                    del batch, x
+                    release_memory()  # this chunk's model input and predict_proba buffers
                     stager.put(scored)
             res.rows = stager.finish()
         except BaseException:
@@ -238,16 +229,19 @@ def score_partition(
             raise
         finally:
             population.close()
-    faults.checkpoint("after_scoring_before_merge")
-    faults.checkpoint("after_stage_load")
-    res.inserted, res.updated = _write(
-        wh, spec, stg, schema, consts, res.rows, as_of or scored_at.date(), batch_id, part_no
-    )
+        faults.checkpoint("after_scoring_before_merge")
+        faults.checkpoint("after_stage_load")
+        staged = f"read_parquet({_sql_string(str(stager.parquet))})" if stager.parquet else wh.quote(stg)
+        res.inserted, res.updated = _write(
+            wh, spec, stg, staged, schema, consts, res.rows, as_of or scored_at.date(), batch_id, part_no
+        )
     res.drift = counter.to_json() if counter else None
     return res
 
 
-def _model_input(batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedModels) -> pd.DataFrame:
+def _model_input(batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedModels) -> ModelInput:
+    """The feature frame of a chunk and the champion's preprocessed input (:meth:`ScoringModel.prepare`),
+    both built on the prefetch thread while the previous chunk is scored."""
     assert spec.model is not None
     x = to_frame(batch, spec.model.features)
     champ = models.champion
@@ -255,12 +249,18 @@ def _model_input(batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedMode
         for c in champ.model.columns:
             if c not in x.columns:
                 x[c] = batch.column(c).to_numpy(zero_copy_only=False)
-    return x
+    return ModelInput(x, champ.prepare(x))
+
+
+@dataclass
+class ModelInput:
+    frame: pd.DataFrame  # the features (drift, challenger)
+    champion: Prepared  # the champion's input
 
 
 def _score_batch(
     batch: pa.RecordBatch,
-    x: pd.DataFrame,
+    inputs: ModelInput,
     spec: PipelineSpec,
     models: ResolvedModels,
     counter: DriftCounter | None,
@@ -268,13 +268,14 @@ def _score_batch(
     constants: dict[str, Any],
     schema: pa.Schema,
 ) -> Callable[[], pa.RecordBatch]:
-    """Score one chunk (``x`` = its model input) and count it into ``res``; returns the function
+    """Score one chunk (``inputs``: its model input) and count it into ``res``; returns the function
     that builds the batch of ``schema``'s columns (run by the staging thread, off the scoring path):
     per-row columns computed here, the others from ``constants`` (:func:`run_constants`)."""
     assert spec.model is not None
     fs, sc = spec.model.features, spec.scoring
     champ, chall = models.champion, models.challenger
-    champ_s = champ.scores(x)
+    x = inputs.frame
+    champ_s = champ.scores_prepared(inputs.champion)
     if counter is not None:
         counter.add(x, champ_s, batch)
     n = len(x)
@@ -347,10 +348,15 @@ def _score_batch(
     return build
 
 
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _write(
     wh: Warehouse,
     spec: PipelineSpec,
     stg: TableRef,
+    staged_rows: str,
     schema: pa.Schema,
     consts: dict[str, Any],
     staged: int,
@@ -358,9 +364,10 @@ def _write(
     batch_id: str,
     part_no: int,
 ) -> tuple[int, int]:
-    """MERGE the staging table (``schema`` less the run's ``consts``) into the predictions, replace
-    this partition's rows of the score date in the history, queue the held rows for review, drop the
-    staging table — on DuckDB in one transaction. Returns (inserted, updated)."""
+    """MERGE the staged rows (``staged_rows``: the quoted staging table ``stg``, or on DuckDB a
+    ``read_parquet(…)`` of the local staging file; ``schema`` less the run's ``consts``) into the
+    predictions, replace this partition's rows of the score date in the history, queue the held rows
+    for review, drop the staging table — on DuckDB in one transaction. Returns (inserted, updated)."""
     assert spec.model is not None
     sc, key = spec.scoring, spec.model.features.entity_key
     target, hist = predictions_ref(sc), history_ref(sc)
@@ -374,14 +381,14 @@ def _write(
             q = wh.quote
             exprs, params = _full_columns(wh, schema, consts, "s")
             # the history and the review queue read the staged rows…
-            source = f"(SELECT {', '.join(f'{e} AS {q(c)}' for c, e in exprs.items())} FROM {q(stg)} AS s)"
-            if _unique_keys(wh, stg, key, staged):
-                inserted, updated = _replace_newer(wh, target, stg, exprs, params, key)
+            source = f"(SELECT {', '.join(f'{e} AS {q(c)}' for c, e in exprs.items())} FROM {staged_rows} AS s)"
+            if _unique_keys(wh, staged_rows, key, staged):
+                inserted, updated = _replace_newer(wh, target, staged_rows, exprs, params, key)
             else:  # …or, after a deduplicating MERGE, the one row per key it kept
                 full = stg
-                if consts:  # the generic MERGE reads every column from its source table
+                if consts or staged_rows != q(stg):  # the generic MERGE reads every column from a table
                     full = TableRef(stg.dataset, f"{stg.table}_full")
-                    wh.execute(f"CREATE OR REPLACE TABLE {q(full)} AS {source[1:-1]}", params, kind="ddl")
+                    wh.execute(f"CREATE OR REPLACE TABLE {q(full)} AS {source[1:-1]}", params or None, kind="ddl")
                 merged = wh.merge(
                     MergeSpec(target, tuple(schema.names), (key,), order_by=("scored_at",)),
                     full,
@@ -392,7 +399,8 @@ def _write(
                 inserted, updated = merged.inserted, merged.updated
                 source, params = _merged_rows(wh, target, batch_id, part_no)
             _history_and_review(wh, spec, source, params, schema, score_date, part_no)
-        wh.drop_table(stg)
+        if staged_rows == wh.quote(stg):
+            wh.drop_table(stg)
     return inserted, updated
 
 
@@ -412,7 +420,7 @@ def _full_columns(
     return exprs, params
 
 
-def _unique_keys(wh: Warehouse, stg: TableRef, key: str, staged: int) -> bool:
+def _unique_keys(wh: Warehouse, staged_rows: str, key: str, staged: int) -> bool:
     """DuckDB: one staged row per key (a feature table may hold duplicates)? Elsewhere: not checked.
 
     Compares 64-bit hashes of the keys, streamed into one sorted array (8 bytes a row: 40 MB for 5M
@@ -423,7 +431,7 @@ def _unique_keys(wh: Warehouse, stg: TableRef, key: str, staged: int) -> bool:
         return False
     hashes = np.empty(staged, dtype=np.uint64)
     at = 0
-    for b in wh.read_batches(f"SELECT hash({wh.quote(key)}) AS h FROM {wh.quote(stg)}", batch_rows=STAGE_FLUSH_ROWS):
+    for b in wh.read_batches(f"SELECT hash({wh.quote(key)}) AS h FROM {staged_rows}", batch_rows=HASH_BATCH_ROWS):
         h = b.column(0).to_numpy()
         if at + len(h) > staged:  # more rows than staged: not the table we think it is
             return False
@@ -435,7 +443,7 @@ def _unique_keys(wh: Warehouse, stg: TableRef, key: str, staged: int) -> bool:
 
 
 def _replace_newer(
-    wh: Warehouse, target: TableRef, stg: TableRef, exprs: dict[str, str], params: dict[str, Any], key: str
+    wh: Warehouse, target: TableRef, staged_rows: str, exprs: dict[str, str], params: dict[str, Any], key: str
 ) -> tuple[int, int]:
     """The MERGE on the entity key (newer ``scored_at`` wins, a replayed run changes nothing) for a
     staging table with one row per key, as two DuckDB statements: delete the target rows it replaces,
@@ -447,14 +455,14 @@ def _replace_newer(
     k, ts = q(key), q("scored_at")
     ts_param = {"c_scored_at": params["c_scored_at"]} if "c_scored_at" in params else None
     replaced = wh.execute(
-        f"DELETE FROM {q(target)} AS t USING {q(stg)} AS s "
+        f"DELETE FROM {q(target)} AS t USING {staged_rows} AS s "
         f"WHERE t.{k} = s.{k} AND (t.{ts} IS NULL OR {exprs['scored_at']} > t.{ts})",
         ts_param,
         kind="dml",
     ).rows
     added = wh.execute(
         f"INSERT INTO {q(target)} ({', '.join(q(c) for c in exprs)}) SELECT {', '.join(exprs.values())} "
-        f"FROM {q(stg)} AS s ANTI JOIN {q(target)} AS t ON t.{k} = s.{k}",
+        f"FROM {staged_rows} AS s ANTI JOIN {q(target)} AS t ON t.{k} = s.{k}",
         params or None,
         kind="dml",
     ).rows
