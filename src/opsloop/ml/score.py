@@ -231,9 +231,8 @@ def score_partition(
             population.close()
         faults.checkpoint("after_scoring_before_merge")
         faults.checkpoint("after_stage_load")
-        staged = f"read_parquet({_sql_string(str(stager.parquet))})" if stager.parquet else wh.quote(stg)
         res.inserted, res.updated = _write(
-            wh, spec, stg, staged, schema, consts, res.rows, as_of or scored_at.date(), batch_id, part_no
+            wh, spec, stg, stager.parquet, schema, consts, res.rows, as_of or scored_at.date(), batch_id, part_no
         )
     res.drift = counter.to_json() if counter else None
     return res
@@ -356,7 +355,7 @@ def _write(
     wh: Warehouse,
     spec: PipelineSpec,
     stg: TableRef,
-    staged_rows: str,
+    parquet: Path | None,
     schema: pa.Schema,
     consts: dict[str, Any],
     staged: int,
@@ -364,10 +363,10 @@ def _write(
     batch_id: str,
     part_no: int,
 ) -> tuple[int, int]:
-    """MERGE the staged rows (``staged_rows``: the quoted staging table ``stg``, or on DuckDB a
-    ``read_parquet(…)`` of the local staging file; ``schema`` less the run's ``consts``) into the
-    predictions, replace this partition's rows of the score date in the history, queue the held rows
-    for review, drop the staging table — on DuckDB in one transaction. Returns (inserted, updated)."""
+    """MERGE the staged rows (the staging table ``stg``, or on DuckDB the local ``parquet`` staging
+    file; ``schema`` less the run's ``consts``) into the predictions, replace this partition's rows
+    of the score date in the history, queue the held rows for review, drop the staging table — on
+    DuckDB in one transaction. Returns (inserted, updated)."""
     assert spec.model is not None
     sc, key = spec.scoring, spec.model.features.entity_key
     target, hist = predictions_ref(sc), history_ref(sc)
@@ -379,6 +378,7 @@ def _write(
         wh.ensure_table(hist, table_schema)
         if staged:
             q = wh.quote
+            staged_rows = f"read_parquet({_sql_string(str(parquet))})" if parquet else q(stg)
             exprs, params = _full_columns(wh, schema, consts, "s")
             # the history and the review queue read the staged rows…
             source = f"(SELECT {', '.join(f'{e} AS {q(c)}' for c, e in exprs.items())} FROM {staged_rows} AS s)"
@@ -386,7 +386,7 @@ def _write(
                 inserted, updated = _replace_newer(wh, target, staged_rows, exprs, params, key)
             else:  # …or, after a deduplicating MERGE, the one row per key it kept
                 full = stg
-                if consts or staged_rows != q(stg):  # the generic MERGE reads every column from a table
+                if consts or parquet:  # the generic MERGE reads every column from a table
                     full = TableRef(stg.dataset, f"{stg.table}_full")
                     wh.execute(f"CREATE OR REPLACE TABLE {q(full)} AS {source[1:-1]}", params or None, kind="ddl")
                 merged = wh.merge(
@@ -399,7 +399,7 @@ def _write(
                 inserted, updated = merged.inserted, merged.updated
                 source, params = _merged_rows(wh, target, batch_id, part_no)
             _history_and_review(wh, spec, source, params, schema, score_date, part_no)
-        if staged_rows == wh.quote(stg):
+        if parquet is None:
             wh.drop_table(stg)
     return inserted, updated
 
