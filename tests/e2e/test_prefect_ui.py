@@ -91,10 +91,17 @@ def test_custom_run_from_the_ui(
     page.screenshot(path=str(SHOTS / "prefect-ui-custom-run-form.png"), full_page=True)
     page.get_by_role("button", name="Submit").click()
 
-    # the toast links to the new run; its page shows the state badge until Completed
-    page.get_by_role("button", name="View run").last.click()
+    # Submit shows a "View run" toast for 5 s and routes back to the deployment's Runs tab. On a
+    # loaded machine the toast can be gone (or leaving) before a click lands — CI once saw the click
+    # do nothing — so open the run as an operator who missed the toast does: from the Runs tab.
+    page.wait_for_url(re.compile(r"/deployments/deployment/[0-9a-f-]+(\?[^/]*)?$"))
+    with get_client(sync_client=True) as client:
+        created = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+    assert len(created) == 1, f"the UI's Submit created {len(created)} runs named {run_name}"
+    page.locator('a[href*="/runs/flow-run/"]').filter(has_text=run_name).first.click()
     page.wait_for_url("**/runs/flow-run/**")
     run_id = UUID(page.url.rstrip("/").split("/")[-1].split("?")[0])
+    assert run_id == created[0].id
     # the run's own state badge in the page heading (subflow / task badges elsewhere do not count)
     page.locator(".page-heading-flow-run .state-badge.state--completed").wait_for(timeout=900_000)
     page.get_by_text(run_name).first.wait_for()
