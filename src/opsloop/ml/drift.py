@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from opsloop.ml.features import numeric_values
 from opsloop.spec.ml import DriftSpec, FeatureSpec
 
 SCORE = "__score__"
@@ -112,6 +113,12 @@ def baseline_stats(x: pd.DataFrame, fs: FeatureSpec, scores: np.ndarray | None, 
     return out
 
 
+@dataclass(frozen=True)
+class ChunkCounts:
+    rows: int
+    features: dict[str, list[int]]
+
+
 @dataclass
 class DriftCounter:
     """Accumulates bin counts of scored chunks against a baseline; merge()-able across partitions."""
@@ -120,18 +127,43 @@ class DriftCounter:
     counts: dict[str, list[int]] = field(default_factory=dict)
     rows: int = 0
 
-    def add(self, x: pd.DataFrame, scores: np.ndarray, batch: pa.RecordBatch | None = None) -> None:
-        """Count one chunk; with the Arrow ``batch`` the categorical levels are counted in Arrow (fast)."""
-        self.rows += len(x)
+    def add(self, x: pd.DataFrame | None, scores: np.ndarray, batch: pa.RecordBatch | None = None) -> None:
+        """Count one chunk: its features (:meth:`feature_counts`) and its scores."""
+        self.add_counts(self.feature_counts(x, batch), scores)
+
+    def feature_counts(self, x: pd.DataFrame | None, batch: pa.RecordBatch | None = None) -> ChunkCounts:
+        """One chunk's bin counts per baseline feature, from the Arrow ``batch`` (fast) or the frame ``x``.
+        Touches no state, so scoring counts the next chunk on its prefetch thread."""
+        if batch is not None:
+            rows = batch.num_rows
+        elif x is not None:
+            rows = len(x)
+        else:
+            raise ValueError("feature_counts needs the chunk as a frame or an Arrow batch")
+        counts: dict[str, list[int]] = {}
         for name, b in self.baseline.get("features", {}).items():
-            if name not in x.columns:
-                continue
-            if b["kind"] == "numeric":
-                c = _numeric_counts(x[name].to_numpy(dtype=float), b["edges"])
-            elif batch is not None and name in batch.schema.names:
-                c = _arrow_categorical_counts(batch.column(name), b["levels"])
+            numeric = b["kind"] == "numeric"
+            if batch is not None and name in batch.schema.names:
+                col = batch.column(name)
+                c = (
+                    _numeric_counts(numeric_values(col), b["edges"])
+                    if numeric
+                    else _arrow_categorical_counts(col, b["levels"])
+                )
+            elif x is not None and name in x.columns:
+                c = (
+                    _numeric_counts(x[name].to_numpy(dtype=float), b["edges"])
+                    if numeric
+                    else _categorical_counts(x[name], b["levels"])
+                )
             else:
-                c = _categorical_counts(x[name], b["levels"])
+                continue
+            counts[name] = c
+        return ChunkCounts(rows, counts)
+
+    def add_counts(self, chunk: ChunkCounts, scores: np.ndarray) -> None:
+        self.rows += chunk.rows
+        for name, c in chunk.features.items():
             self._acc(name, c)
         if "score" in self.baseline:
             self._acc(SCORE, _numeric_counts(np.asarray(scores, float), self.baseline["score"]["edges"]))

@@ -103,23 +103,30 @@ def to_frame(data: pa.Table | pa.RecordBatch, fs: FeatureSpec) -> pd.DataFrame:
     """Model input: numeric features as float64 (NULL → NaN), categoricals as object (NULL → NaN)."""
     out: dict[str, Any] = {}
     for name in fs.numeric:
-        col = data.column(name)
-        if pa.types.is_boolean(col.type):
-            col = pc.cast(col, pa.int8())
-        out[name] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        out[name] = numeric_values(data.column(name))
     for name in fs.categorical:
         out[name] = pd.Series(_categorical(data.column(name)), dtype=object, copy=False)
     return pd.DataFrame(out, columns=fs.columns)
 
 
+def numeric_values(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric (or boolean) feature column as float64, NULL → NaN (read-only when zero-copy)."""
+    if pa.types.is_boolean(col.type):
+        col = pc.cast(col, pa.int8())
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def string_values(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A categorical feature column as one Arrow string array (NULL stays NULL)."""
+    if not pa.types.is_string(col.type):
+        col = pc.cast(col, pa.string())
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
 def _categorical(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Strings as an object array (NULL → NaN) built from the column's distinct values: one Python
     string per level instead of one per row (4× cheaper on 1M rows)."""
-    if not pa.types.is_string(col.type):
-        col = pc.cast(col, pa.string())
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    enc = pc.dictionary_encode(col)
+    enc = pc.dictionary_encode(string_values(col))
     levels = np.asarray([*enc.dictionary.to_pylist(), np.nan], dtype=object)
     return levels[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
 

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from opsloop.errors import TerminalError
+from opsloop.ml.arrow_prep import ArrowPreprocessor
 from opsloop.ml.promotion import CHALLENGER, CHAMPION, PREVIOUS
 from opsloop.ml.registry import MLflowAdapter, MLflowUnavailableError
 from opsloop.spec import PipelineSpec
@@ -58,6 +62,19 @@ class ScoringModel:
         if isinstance(steps, list) and len(steps) > 1 and hasattr(self.model, "__getitem__"):
             return Prepared(self.model[:-1].transform(x), final=True)
         return Prepared(x, final=False)
+
+    def prepare_batch(self, batch: pa.RecordBatch, frame: Callable[[], pd.DataFrame]) -> Prepared:
+        """:meth:`prepare` of ``frame()`` (the batch's feature frame), straight from the Arrow ``batch``
+        when the pipeline's preprocessing is one :class:`ArrowPreprocessor` reproduces — the same
+        matrix without the DataFrame or sklearn's per-value lookups."""
+        prep = self.arrow_preprocessor
+        if prep is None:
+            return self.prepare(frame())
+        return Prepared(prep.transform(batch), final=True)
+
+    @cached_property
+    def arrow_preprocessor(self) -> ArrowPreprocessor | None:
+        return ArrowPreprocessor.compile(self.model)
 
     def scores_prepared(self, prepared: Prepared) -> np.ndarray:
         """The same scores as :meth:`scores` on the frame :meth:`prepare` was given."""

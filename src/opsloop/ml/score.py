@@ -11,6 +11,7 @@ The predictions table is untouched until every row is scored and staged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 
 from opsloop import faults
 from opsloop.ingest.writer import TransactionalWarehouse
-from opsloop.ml.drift import DriftCounter
+from opsloop.ml.drift import ChunkCounts, DriftCounter
 from opsloop.ml.features import check_columns, read_feature_batches, stable_bucket, to_frame
 from opsloop.ml.models import Prepared, ResolvedModels, RulesModel
 from opsloop.ml.score_io import PopulationReader, Stager, prefetched, release_memory
@@ -216,7 +217,7 @@ def score_partition(
         try:
             # the next chunk's model input (features, the pipeline's preprocessing) is built while the
             # final estimator scores this one
-            chunks = prefetched(population, lambda b: (b, _model_input(b, spec, models)))
+            chunks = prefetched(population, lambda b: (b, _model_input(b, spec, models, counter)))
             with contextlib.closing(chunks):
                 for batch, x in chunks:
                     scored = _score_batch(batch, x, spec, models, counter, res, constants, stage_schema)
@@ -238,23 +239,35 @@ def score_partition(
     return res
 
 
-def _model_input(batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedModels) -> ModelInput:
-    """The feature frame of a chunk and the champion's preprocessed input (:meth:`ScoringModel.prepare`),
-    both built on the prefetch thread while the previous chunk is scored."""
+def _model_input(
+    batch: pa.RecordBatch, spec: PipelineSpec, models: ResolvedModels, counter: DriftCounter | None
+) -> ModelInput:
+    """A chunk's champion input (:meth:`ScoringModel.prepare_batch`), its drift counts and — only
+    when a challenger or the rules need it — its feature frame, all built on the prefetch thread while
+    the previous chunk is scored."""
     assert spec.model is not None
-    x = to_frame(batch, spec.model.features)
+    fs = spec.model.features
     champ = models.champion
-    if isinstance(champ.model, RulesModel):
-        for c in champ.model.columns:
-            if c not in x.columns:
-                x[c] = batch.column(c).to_numpy(zero_copy_only=False)
-    return ModelInput(x, champ.prepare(x))
+
+    @functools.cache
+    def frame() -> pd.DataFrame:
+        x = to_frame(batch, fs)
+        if isinstance(champ.model, RulesModel):
+            for c in champ.model.columns:
+                if c not in x.columns:
+                    x[c] = batch.column(c).to_numpy(zero_copy_only=False)
+        return x
+
+    prepared = champ.prepare_batch(batch, frame)
+    counts = counter.feature_counts(None, batch) if counter is not None else None
+    return ModelInput(frame() if models.challenger is not None else None, prepared, counts)
 
 
 @dataclass
 class ModelInput:
-    frame: pd.DataFrame  # the features (drift, challenger)
+    frame: pd.DataFrame | None  # the feature frame, for the challenger
     champion: Prepared  # the champion's input
+    drift: ChunkCounts | None  # the features' drift counts
 
 
 def _score_batch(
@@ -273,11 +286,10 @@ def _score_batch(
     assert spec.model is not None
     fs, sc = spec.model.features, spec.scoring
     champ, chall = models.champion, models.challenger
-    x = inputs.frame
     champ_s = champ.scores_prepared(inputs.champion)
-    if counter is not None:
-        counter.add(x, champ_s, batch)
-    n = len(x)
+    if counter is not None and inputs.drift is not None:
+        counter.add_counts(inputs.drift, champ_s)
+    n = batch.num_rows
     key_col = batch.column(fs.entity_key)
     key_col = key_col if pa.types.is_string(key_col.type) else pc.cast(key_col, pa.string())
     score = champ_s
@@ -285,7 +297,8 @@ def _score_batch(
     model_version = np.full(n, champ.version, dtype=object)
     chall_s = None
     if chall is not None:
-        chall_s = chall.scores(x)
+        assert inputs.frame is not None
+        chall_s = chall.scores(inputs.frame)
         if sc.canary_share > 0:
             canary = stable_bucket(key_col.to_pylist()) < sc.canary_share
             score = np.where(canary, chall_s, champ_s)
