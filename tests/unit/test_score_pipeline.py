@@ -6,6 +6,7 @@ deduplicating MERGE), history replacement, and failures that leave the predictio
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from opsloop.ml import score as scoring
 from opsloop.ml.features import target_array, to_frame
 from opsloop.ml.models import ResolvedModels, ScoringModel
 from opsloop.ml.score import score_partition
-from opsloop.ml.score_io import rebatch
+from opsloop.ml.score_io import PopulationReader, rebatch
 from opsloop.ml.train import make_pipeline
 from opsloop.spec import PipelineSpec
 from opsloop.warehouse.base import TableRef
@@ -100,6 +101,46 @@ def test_rebatch_gives_exact_chunks_in_order() -> None:
     out = list(rebatch(iter(batches), 6, first=2))
     assert [b.num_rows for b in out] == [2, 6, 6, 3]
     assert np.concatenate([b.column(0).to_numpy() for b in out]).tolist() == list(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_population_reader_hands_over_every_row_in_order(tmp_path: Path, overlap: bool) -> None:
+    """Overlapped, the first chunk is handed over while the read goes on; read-first (DuckDB), only once
+    the source is exhausted — the same rows either way, and a failing read raises in the consumer."""
+    done = threading.Event()
+
+    def source(fail: bool = False) -> Any:
+        for i in range(0, 100, 10):
+            if fail and i == 50:
+                raise OSError("warehouse read broke at row 50")
+            yield pa.record_batch({"i": np.arange(i, i + 10)})
+            if i == 10 and overlap:  # the first chunk (an eighth of 40 = 5 rows) is out by now
+                assert done.wait(5), "the first chunk was not handed over while the read went on"
+            elif i == 10:  # still reading: an overlapping reader would have handed the first chunk over
+                time.sleep(0.3)
+        done.set()
+
+    def consume(reader: PopulationReader) -> list[int]:
+        out: list[int] = []
+        for b in reader:
+            if not out and overlap:
+                done.set()  # lets the source go on: it waits for this first hand-over
+            elif not out:
+                assert not reader._thread.is_alive()  # the whole read landed first
+            out.extend(b.column(0).to_pylist())
+        return out
+
+    reader = PopulationReader(source, 40, tmp_path, overlap=overlap)
+    try:
+        assert consume(reader) == list(range(100))
+    finally:
+        reader.close()
+    assert not list(tmp_path.glob("population_*"))
+    done.clear()
+    failing = PopulationReader(lambda: source(fail=True), 40, tmp_path, overlap=overlap)
+    with pytest.raises(OSError, match="row 50"):
+        consume(failing)
+    failing.close()
 
 
 def test_every_row_scored_once_with_the_models_score(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

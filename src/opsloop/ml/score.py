@@ -184,8 +184,9 @@ def score_partition(
 ) -> PartitionResult:
     """Score one hash partition (or everything) and MERGE its predictions.
 
-    Three stages overlap: a thread reads the population into local chunk files, this thread runs
-    predict_proba chunk by chunk, a thread loads the scored chunks into the partition's staging table.
+    Three stages: a thread reads the population into local chunk files (on DuckDB before scoring
+    starts, elsewhere alongside it), this thread runs predict_proba chunk by chunk while the next
+    chunk is prepared, a thread writes the scored chunks to the partition's staging.
     Once every row is scored and staged, one transaction (DuckDB) MERGEs the staging table into the
     predictions table and writes the history and the review queue from it."""
     assert spec.model is not None
@@ -212,6 +213,9 @@ def score_partition(
             lambda: read_feature_batches(wh, fs, cols, as_of=as_of, partition=partition, batch_rows=sc.chunk_rows),
             sc.chunk_rows,
             Path(tmp),
+            # DuckDB: read everything first (its scan cache goes with the read's connection: 5M rows
+            # peaked 695–708 MB overlapped, 642 MB read first); BigQuery: overlap the network read
+            overlap=wh.dialect != "duckdb",
         )
         stager = Stager(wh, stg, stage_schema, (key,), predictions_ref(sc), f"{batch_id}_score_p{part_no}", Path(tmp))
         try:

@@ -80,9 +80,17 @@ class PopulationReader:
     """Read ``source()`` in a background thread into one local Arrow IPC file per chunk of ``rows``;
     iterate to get the chunks in order as they land (each file is deleted once handed over). The
     first chunk is an eighth of ``rows`` and handed over in memory: scoring starts after a small
-    read and preprocessing (then the next chunk is prepared while the first one is scored)."""
+    read and preprocessing (then the next chunk is prepared while the first one is scored).
 
-    def __init__(self, source: Callable[[], Iterable[pa.RecordBatch]], rows: int, tmp: Path) -> None:
+    ``overlap=False``: the first chunk is handed over only once the whole read has landed — for a
+    warehouse that caches what a scan reads for as long as the read is open (DuckDB keeps the
+    table's blocks in its buffer pool until the read's connection closes), so the cache is gone
+    before the scoring buffers fill; a local read is fast and would take its CPU from scoring anyway."""
+
+    def __init__(
+        self, source: Callable[[], Iterable[pa.RecordBatch]], rows: int, tmp: Path, *, overlap: bool = True
+    ) -> None:
+        self._overlap = overlap
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -119,6 +127,8 @@ class PopulationReader:
         self._q.put(_DONE)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if not self._overlap:
+            self._thread.join()  # the read hands over errors through the queue too
         while True:
             item = self._q.get()
             if item is _DONE:
