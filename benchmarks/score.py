@@ -201,8 +201,9 @@ def run(sizes: list[int], repeats: int = 2) -> str:
     growth = rss[-1] / rss[0] if len(rss) > 1 else 1.0
     return (
         f"## Scoring (RandomForest 300 trees, depth 8, n_jobs={n_jobs:.0f} in both runs)\n\n"
-        "End to end = `score_partition`: a thread streams the population from DuckDB into local Arrow chunk "
-        f"files, predict_proba runs on chunks of {chunk:,.0f} rows as they land, a second thread writes the "
+        "End to end = `score_partition`: a thread reads the population from DuckDB into local Arrow chunk "
+        f"files (all of it before scoring starts), predict_proba runs on chunks of {chunk:,.0f} rows with the "
+        "next chunk's Arrow preprocessing and drift counts built alongside, a second thread writes the "
         "scored chunks (the per-row columns; the run's constants — model, run, dates — are added as literals "
         "by the MERGE) to the partition's local staging file (Parquet, uncompressed: DuckDB's staging table, "
         "read by `read_parquet`); then one transaction MERGEs it into `ops_ai.predictions` (the *serial* "
