@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS job_blobs (
 _BLOBS = ("upload", "success", "failed", "unprocessed")
 
 
+_dumps = orjson.dumps
+
+
 def dumps(data: dict[str, Any]) -> str:
     """A record's fields as stored (compact JSON text)."""
     try:
@@ -242,27 +245,48 @@ class Store:
         return out
 
     def lookup_records(self, vendor: str, obj: str, field_name: str, values: Iterable[str]) -> dict[str, list[Rec]]:
-        """Key value (lower-cased) → the records holding it (by id), in one indexed join per 900 values."""
+        """Key value (lower-cased) → the records holding it (by id): one indexed join per 900 values,
+        or, for more, one join driven by the sorted values passed as a JSON array."""
         vals = sorted({str(v).lower() for v in values})
         out: dict[str, list[Rec]] = {}
         cols = ", ".join(f"r.{c.strip()}" for c in _COLS.split(","))
-        with self.lock:
-            for i in range(0, len(vals), 900):
-                part = vals[i : i + 900]
-                marks = ",".join("?" * len(part))
-                rows = self.con.execute(
+        field_low = field_name.lower()
+        queries: list[tuple[str, tuple[Any, ...]]]
+        if len(vals) > 900:  # one statement, in key order (no IN list of 900 bound values per statement)
+            queries = [
+                (
+                    f"SELECT k.value, {cols} FROM json_each(?) v CROSS JOIN keys k CROSS JOIN records r "
+                    "WHERE k.vendor = ? AND k.object = ? AND k.field = ? AND k.value = v.value "
+                    "AND r.vendor = k.vendor AND r.object = k.object AND r.id = k.id",
+                    (json.dumps(vals, ensure_ascii=False), vendor, obj, field_low),
+                )
+            ]
+        elif not vals:
+            return out
+        else:
+            marks = ",".join("?" * len(vals))
+            queries = [
+                (
                     f"SELECT k.value, {cols} FROM keys k JOIN records r "
                     "ON r.vendor = k.vendor AND r.object = k.object AND r.id = k.id "
                     f"WHERE k.vendor = ? AND k.object = ? AND k.field = ? AND k.value IN ({marks})",
-                    (vendor, obj, field_name.lower(), *part),
-                ).fetchall()
+                    (vendor, obj, field_low, *vals),
+                )
+            ]
+        with self.lock:
+            for sql, params in queries:
+                rows = self.con.execute(sql, params).fetchall()
+                parse, get = orjson.loads, out.get
                 for value, rid, id_, created, modstamp, deleted, data in rows:
-                    rec = Rec(id_, created, modstamp, bool(deleted), loads(data), rid)
-                    held = out.get(value)
+                    try:
+                        fields = parse(data)
+                    except orjson.JSONDecodeError:
+                        fields = loads(data)
+                    held = get(value)
                     if held is None:
-                        out[value] = [rec]
+                        out[value] = [Rec(id_, created, modstamp, bool(deleted), fields, rid)]
                     else:
-                        held.append(rec)
+                        held.append(Rec(id_, created, modstamp, bool(deleted), fields, rid))
         for held in out.values():
             if len(held) > 1:  # a key value shared by several records (duplicates): in id order
                 held.sort(key=lambda r: r.id)
@@ -398,10 +422,17 @@ class _Tx:
         Without either the index rows are read back."""
         if not recs:
             return
-        known = [(r.modstamp, int(r.deleted), dumps(r.data), r.rid) for r in recs if r.rid is not None]
-        fresh = [
-            (vendor, obj, r.id, r.created, r.modstamp, int(r.deleted), dumps(r.data)) for r in recs if r.rid is None
-        ]
+        known: list[tuple[Any, ...]] = []
+        fresh: list[tuple[Any, ...]] = []
+        for r in recs:
+            try:
+                text = _dumps(r.data).decode()
+            except TypeError:
+                text = dumps(r.data)
+            if r.rid is not None:
+                known.append((r.modstamp, int(r.deleted), text, r.rid))
+            else:
+                fresh.append((vendor, obj, r.id, r.created, r.modstamp, int(r.deleted), text))
         if known:
             self.con.executemany("UPDATE records SET modstamp = ?, deleted = ?, data = ? WHERE rid = ?", known)
         if fresh:

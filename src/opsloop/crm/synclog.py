@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opsloop import faults
-from opsloop.crm.base import BatchResult
+from opsloop.crm.base import BatchResult, outcome_arrays
 from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, Warehouse
 
 STATE, LOG, RETRY, RUNS = "_sync_state", "_sync_log", "_sync_retry", "_sync_runs"
@@ -105,6 +105,9 @@ RUNS_ARROW = pa.schema(
     ]
 )
 KEYS = ("pipeline", "destination", "entity")
+# a push replaces most of a destination's state rows, flush by flush: vacuuming the state table before
+# half of it is dead rewrites rows the next flushes delete anyway
+STATE_DEAD_SHARE = 0.5
 
 
 @contextlib.contextmanager
@@ -180,9 +183,17 @@ class SyncTables:
         if rows:
             self.wh.append(self.log, pa.Table.from_pylist(rows, schema=LOG_ARROW))
 
-    def flush(self, results: list[BatchResult], run_id: str, retry_cap: int, job_key: str) -> dict[str, Any]:
+    def flush(
+        self, results: list[BatchResult], run_id: str, retry_cap: int, job_key: str, last: bool = False
+    ) -> dict[str, Any]:
         """Write a run of batch results: log → (fault point) → state → retry. Returns status counts
         and, under ``failed_by_code``, the failed records per vendor error code.
+
+        On DuckDB a flush's checkpoint writes its own rows and leaves the tables' others in place
+        (no vacuum, which rewrote row groups of the earlier flushes at every flush) unless deleted
+        state / retry rows are half the table; the run's final session (``last``, or the session
+        the runner writes the run row in) vacuums as usual, so the row groups the run's flushes left
+        are merged once per run, by the run.
 
         Built with Arrow compute from the staged rows (no per-row Python objects), then one append
         and one upsert per table (on DuckDB straight from the Arrow tables, in one transaction)."""
@@ -192,14 +203,17 @@ class SyncTables:
         now = datetime.now(UTC)
         rows = pa.concat_tables([r.rows for r in results]).combine_chunks()
         n = rows.num_rows
-        outcomes = [r.arrays() for r in results]
-        raw_status, crm_id, code, message = (pa.concat_arrays([o[i] for o in outcomes]) for i in range(4))
+        raw_status, crm_id, code, message = outcome_arrays(results)
         ok = pc.not_equal(raw_status, "failed")
         attempt = rows.column("attempt")
         status = pc.if_else(
             pc.and_(pc.invert(ok), pc.greater_equal(attempt, retry_cap)), pa.scalar("rejected"), raw_status
         )
-        api = pa.concat_arrays([pa.repeat(pa.scalar(r.api, pa.string()), len(r)) for r in results])
+        apis = {r.api for r in results}
+        if len(apis) == 1:
+            api = pa.repeat(pa.scalar(apis.pop(), pa.string()), n)
+        else:
+            api = pa.concat_arrays([pa.repeat(pa.scalar(r.api, pa.string()), len(r)) for r in results])
 
         def const(value: Any, k: int, typ: pa.DataType = pa.string()) -> pa.Array:
             return pa.repeat(pa.scalar(value, typ), k)
@@ -260,6 +274,9 @@ class SyncTables:
             schema=RETRY_ARROW,
         )
         with held_open(self.wh):
+            defer_vacuum = getattr(self.wh, "defer_vacuum", None)
+            if defer_vacuum is not None:
+                defer_vacuum(self.state, self.retry, dead_share=STATE_DEAD_SHARE, defer=not last)
             self.wh.append(self.log, log)
             faults.checkpoint("after_push_before_sync_state")
             if _duckdb(self.wh) and _unique(state) and _unique(retry):
