@@ -21,9 +21,9 @@ from starlette.responses import Response
 
 from sandbox import defaults
 from sandbox.defaults import HUBSPOT, SALESFORCE
+from sandbox.records import Rec
 from sandbox.runtime import Fault, RecordRule, Sandbox
 from sandbox.sf_core import SYSTEM_LOWER, new_ids
-from sandbox.store import Rec
 from sandbox.util import hs_time, json_response, parse_ts, sf_time
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from sandbox.app import BadRequest
 from sandbox.defaults import HUBSPOT
+from sandbox.records import Rec
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec
 from sandbox.util import hs_error, hs_time, parse_ts
 
 SYSTEM = ("hs_object_id", "createdate", "lastmodifieddate", "hs_lastmodifieddate")

@@ -14,8 +14,8 @@ from sandbox import hs_core as core
 from sandbox.app import BadRequest, Router, read_json
 from sandbox.defaults import HUBSPOT, hs_property
 from sandbox.hs_search import search
+from sandbox.records import Rec, key_values
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec, key_values
 from sandbox.util import hs_error, hs_time, json_response
 
 P = r"/crm/v3/properties/(?P<obj>[\w-]+)"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.defaults import SALESFORCE, SF_PREFIX, SF_SYSTEM
+from sandbox.records import Rec, key_values
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec, key_values
 from sandbox.util import parse_sf_datetime, parse_ts, sf_id, sf_time
 
 SYSTEM_LOWER = {s.lower() for s in SF_SYSTEM}
