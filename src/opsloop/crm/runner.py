@@ -251,12 +251,12 @@ def _push(
     attempted = 0
     flushes = 0
 
-    def flush(last: bool = False) -> None:
+    def flush() -> None:
         nonlocal buffer, buffered, flushes
         if not buffered:
             return
         flushes += 1
-        counts = tables.flush(buffer, run.run_id, spec.sync.retry_cap, f"{run.run_id}_{flushes}", last=last)
+        counts = tables.flush(buffer, run.run_id, spec.sync.retry_cap, f"{run.run_id}_{flushes}")
         by_code = report["failed_by_code"]
         for code, k in counts.pop("failed_by_code", {}).items():
             by_code[code] = by_code.get(code, 0) + k
@@ -281,7 +281,7 @@ def _push(
         raise
     finally:
         last_flush()
-        flush(last=True)
+        flush()
         report["deferred"] = total - attempted
         report["pushed"] = report.get("created", 0) + report.get("updated", 0)
 
