@@ -63,7 +63,12 @@ class Store:
         self.lock = threading.RLock()
         self.con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")
+        # No fsync (WAL checkpoints included): every commit is in the OS's page cache when it
+        # returns, so a restart — or a crash of the sandbox process — keeps all of it; only an OS
+        # crash or power loss could drop the last writes, acceptable for a local stand-in. With
+        # NORMAL, the checkpoint every ~1,000 WAL pages blocked the event loop on two fsyncs:
+        # ~6 µs per record of a 200-record write, ~50 µs per single-record request.
+        self.con.execute("PRAGMA synchronous=OFF")
         self.con.execute("PRAGMA temp_store=MEMORY")
         self.con.execute("PRAGMA cache_size=-65536")
         self.con.executescript(SCHEMA)
