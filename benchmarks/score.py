@@ -84,6 +84,7 @@ def _cpu() -> float:
 
 def child_e2e(db: str, model: str) -> dict[str, float]:
     import opsloop.ml.score as scoring
+    import opsloop.ml.score_write as writing
     from opsloop.ml.models import ResolvedModels, ScoringModel
     from opsloop.warehouse.duckdb import DuckDBAdapter
 
@@ -107,8 +108,8 @@ def child_e2e(db: str, model: str) -> dict[str, float]:
         return run
 
     # the serial part at the end: MERGE into the predictions + the history rows (one transaction)
-    scoring._write = timed("tail", scoring._write)  # type: ignore[method-assign]
-    scoring._history_and_review = timed("history", scoring._history_and_review)  # type: ignore[method-assign]
+    scoring.write_predictions = timed("tail", scoring.write_predictions)  # type: ignore[method-assign]
+    writing._history_and_review = timed("history", writing._history_and_review)  # type: ignore[method-assign]
     started, cpu = time.perf_counter(), _cpu()
     res = scoring.score_partition(
         wh, spec, models, as_of=AS_OF, run_id="bench", batch_id="bench", scored_at=datetime.now(UTC)

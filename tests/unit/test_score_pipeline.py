@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from opsloop.errors import TerminalError
-from opsloop.ml import score as scoring
+from opsloop.ml import score_write
 from opsloop.ml.features import target_array, to_frame
 from opsloop.ml.models import ResolvedModels, ScoringModel
 from opsloop.ml.score import score_partition
@@ -65,7 +65,7 @@ def setup(tmp_path: Path) -> dict[str, Any]:
 
 def _small_chunks(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> PipelineSpec:
     """Chunks of 700 rows (several row groups in the staging file) and hash batches of 2,000."""
-    monkeypatch.setattr(scoring, "HASH_BATCH_ROWS", 2_000)
+    monkeypatch.setattr(score_write, "HASH_BATCH_ROWS", 2_000)
     return spec.model_copy(update={"scoring": spec.scoring.model_copy(update={"chunk_rows": 700})})
 
 

@@ -11,7 +11,6 @@ keeps one connection for all its operations (an open costs 10–40 ms and each c
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -22,7 +21,6 @@ import duckdb
 import pyarrow as pa
 
 from opsloop import faults
-from opsloop.errors import TransientError
 from opsloop.transform import pyvalues
 from opsloop.warehouse.base import (
     Column,
@@ -34,8 +32,8 @@ from opsloop.warehouse.base import (
     clean_labels,
     record_job,
 )
+from opsloop.warehouse.duckdb_conn import DuckDBFile
 from opsloop.warehouse.duckdb_support import (
-    Session,
     arrow_schema_logical,
     logical,
     pulled,
@@ -61,15 +59,7 @@ __all__ = ["DuckDBAdapter", "arrow_schema_logical"]
 VACUUM_DEAD_SHARE = 0.2
 
 
-# duckdb.connect() from two threads of one process at the same moment, when neither finds the file's
-# database instance open yet, can hand one of them an instance whose Python table functions are not
-# registered: its next register() + query fails with "Table Function with name python_arrow_scan does
-# not exist" (DuckDB 2.0.1; the pipeline lease's heartbeat thread opens the file beside the flow's own
-# operations). Opening one at a time per process avoids it; the retries below wait outside the lock.
-_CONNECT_LOCK = threading.Lock()
-
-
-class DuckDBAdapter:
+class DuckDBAdapter(DuckDBFile):
     """Warehouse protocol on a DuckDB file. ``dataset`` ↔ schema, ``table`` ↔ table."""
 
     dialect = "duckdb"
@@ -83,21 +73,15 @@ class DuckDBAdapter:
         threads: int | None = None,
         memory_limit: str | None = None,
     ) -> None:
-        self.path = str(path)
+        super().__init__(path, lock_timeout, threads, memory_limit)
         self.meta_dataset = meta_dataset
         self.labels = clean_labels(labels or {})
-        self.lock_timeout = lock_timeout
-        self.threads = threads
-        self.memory_limit = memory_limit
         self.jobs: list[JobStats] = []
         # the catalog DuckDB names after the file; qualifying with it keeps "x"."t" unambiguous when a
         # schema has the file's name (bench.duckdb + schema bench)
         catalog = Path(self.path).name.split(".")[0] if self.path != ":memory:" else "memory"  # as DuckDB names it
         self._sql = Dialect("duckdb", project=catalog)
         self._state_ready = False
-        self._session = Session()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
 
     # -- plumbing ------------------------------------------------------------------------------
     def with_labels(self, **labels: Any) -> DuckDBAdapter:
@@ -119,67 +103,6 @@ class DuckDBAdapter:
     def quote(self, ref: TableRef | str) -> str:
         return self._sql.table(ref) if isinstance(ref, TableRef) else self._sql.ident(ref)
 
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection for one operation (the session's, inside :meth:`session`); errors translated."""
-        con = self._session.con
-        try:
-            if con is not None:
-                yield con
-                return
-            con = self._open()
-            try:
-                yield con
-            finally:
-                con.close()
-        except duckdb.Error as exc:
-            raise translate(exc, self.path) from exc
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[DuckDBAdapter]:
-        """Run every operation inside the block on one connection (nested sessions join the outer one).
-        The file stays locked by this process until the block ends."""
-        s = self._session
-        if s.con is not None:
-            yield self
-            return
-        s.con = self._open()
-        try:
-            yield self
-        finally:
-            con, s.con, s.in_tx = s.con, None, False
-            try:
-                con.close()
-            except duckdb.Error as exc:  # the closing checkpoint failed (disk full …)
-                raise translate(exc, self.path) from exc
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One DuckDB transaction around the block (inside a session; a nested block joins it): commits
-        when the block ends, rolls back when it raises."""
-        with self.session():
-            s = self._session
-            assert s.con is not None
-            if s.in_tx:
-                yield
-                return
-            s.con.execute("BEGIN TRANSACTION")
-            s.in_tx = True
-            try:
-                yield
-            except BaseException:
-                s.in_tx = False
-                with contextlib.suppress(duckdb.Error):
-                    s.con.execute("ROLLBACK")
-                raise
-            s.in_tx = False
-            try:
-                s.con.execute("COMMIT")
-            except duckdb.Error as exc:
-                with contextlib.suppress(duckdb.Error):
-                    s.con.execute("ROLLBACK")
-                raise translate(exc, self.path) from exc
-
     def defer_vacuum(self, *refs: TableRef, dead_share: float = VACUUM_DEAD_SHARE, defer: bool = True) -> bool:
         """Inside a :meth:`session`: let its checkpoints (the one when it closes included) leave row
         groups as they are — no vacuum — unless one of ``refs`` already holds more than
@@ -187,10 +110,9 @@ class DuckDBAdapter:
         For a run of writes in several sessions, such as the sync log's flushes: with vacuuming on,
         each one's checkpoint rewrites row groups the previous ones wrote — an append-only log's
         last row groups, merged again at every append; a state table's row groups that lost rows,
-        though the next flushes delete the rest of them. The caller lets its last session vacuum,
-        once. A row group whose rows were all deleted is dropped either way. ``defer=False`` turns
-        vacuuming back on for the session. Returns True when vacuuming was deferred (outside a
-        session: nothing done, False)."""
+        though the next flushes delete the rest of them. A row group whose rows were all deleted is
+        dropped either way. ``defer=False`` turns vacuuming back on for the session. Returns True
+        when vacuuming was deferred (outside a session: nothing done, False)."""
         if self._session.con is None:
             return False
         with self.connect() as con:
@@ -201,30 +123,6 @@ class DuckDBAdapter:
                     break
             con.execute("SET max_vacuum_tasks = 0" if defer else "RESET max_vacuum_tasks")
         return defer
-
-    def _open(self) -> duckdb.DuckDBPyConnection:
-        """Open the file; retries while another process holds the file lock."""
-        deadline = time.monotonic() + self.lock_timeout
-        config: dict[str, Any] = {}
-        if self.threads:
-            config["threads"] = self.threads
-        if self.memory_limit:
-            config["memory_limit"] = self.memory_limit
-        delay = 0.05
-        while True:
-            try:
-                with _CONNECT_LOCK:
-                    con = duckdb.connect(self.path, config=config)
-                break
-            except duckdb.Error as exc:
-                err = translate(exc, self.path)
-                if isinstance(err, TransientError) and time.monotonic() < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                raise err from exc
-        con.execute("SET enable_progress_bar = false")  # no bar on a worker's stderr
-        return con
 
     def _record(
         self,
@@ -307,34 +205,6 @@ class DuckDBAdapter:
             raise
         pa.default_memory_pool().release_unused()  # the batches are in DuckDB: their freed pages go back now
         return self._record("load", started, str(ref), rows=int(rows))
-
-    def release_cache(self) -> None:
-        """Drop the table blocks DuckDB's buffer pool keeps after the statements that read or wrote
-        them (it frees them only at ``memory_limit``): the limit is lowered for a moment, which evicts
-        every unpinned block, then restored. Between the committed pieces of a long load this keeps
-        memory at a piece's, not the table's (5M-row initial load: 321 → 252 MB)."""
-        with self.connect() as con:
-            try:
-                con.execute("SET memory_limit = '1MB'")
-            except duckdb.Error:  # blocks pinned by a running statement: nothing to evict now
-                pass
-            finally:
-                if self.memory_limit:
-                    con.execute("SET memory_limit = ?", [self.memory_limit])
-                else:
-                    con.execute("RESET memory_limit")
-
-    @contextlib.contextmanager
-    def _one_thread(self, con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-        """DuckDB on one thread, flushing each finished row group, for a load from one Arrow stream:
-        one thread reads the stream anyway, and each further thread buffers its own row groups (+70 MB
-        per 1M rows, at no measured gain in speed; flushing one row group at a time saves 10 more)."""
-        con.execute("SET threads = 1; SET write_buffer_row_group_count = 1")
-        try:
-            yield
-        finally:
-            con.execute("RESET write_buffer_row_group_count")
-            con.execute(f"SET threads = {int(self.threads)}" if self.threads else "RESET threads")
 
     def insert_batches(
         self,
