@@ -9,7 +9,7 @@
   keeps its rows with the entity and external id replaced by the subject's pseudonym
   (``erased:<hash prefix>``) and the vendor message cleared. Counts come first, so a rerun finds
   0 rows and changes nothing.
-* :class:`Suppression` — ``<meta>._erasure_suppress`` holds keyed hashes (never raw values) of the
+* :class:`opsloop.suppression.Suppression` — ``<meta>._erasure_suppress`` holds keyed hashes (never raw values) of the
   erased keys and e-mails; the ingest loader drops source rows that match, counted in the run's
   flags, so the next incremental or full load does not bring the subject back.
 * :func:`record_erasure` — the audit row in ``<meta>._erasure_log``: who, when, why, tables and
@@ -30,23 +30,14 @@ import pyarrow.compute as pc
 
 from opsloop.errors import ConfigError
 from opsloop.spec import PipelineSpec
+from opsloop.suppression import SUPPRESSION, SUPPRESSION_SCHEMA, Suppression
 from opsloop.transform.pii import KeyedHasher
 from opsloop.warehouse.base import TableRef, Warehouse
 
 ERASURE_LOG = "_erasure_log"
-SUPPRESSION = "_erasure_suppress"
 SYNC_LOG = "_sync_log"
 PSEUDONYM = "erased:"
 TS = pa.timestamp("us", tz="UTC")
-SUPPRESSION_SCHEMA = pa.schema(
-    [
-        ("pipeline", pa.string()),
-        ("column_name", pa.string()),
-        ("value_hash", pa.string()),
-        ("erasure_id", pa.string()),
-        ("added_at", TS),
-    ]
-)
 LOG_SCHEMA = pa.schema(
     [
         ("erasure_id", pa.string()),
@@ -336,47 +327,6 @@ def erase_rows(wh: Warehouse, spec: PipelineSpec, subject: Subject, dry_run: boo
         else:
             wh.execute(f"DELETE FROM {q} WHERE {act.where}", act.params, kind="dml")
     return done
-
-
-class Suppression:
-    """Keyed hashes of erased values per source column, consulted by every ingest load."""
-
-    def __init__(self, entries: dict[str, set[str]] | None = None) -> None:
-        self.entries = entries or {}
-
-    def __bool__(self) -> bool:
-        return any(self.entries.values())
-
-    @classmethod
-    def load(cls, wh: Warehouse, pipeline: str) -> Suppression:
-        ref = TableRef(wh.meta_dataset, SUPPRESSION)
-        if wh.table_schema(ref) is None:
-            return cls()
-        rows = wh.query(
-            f"SELECT column_name, value_hash FROM {wh.quote(ref)} WHERE pipeline = {wh.param('p')}", {"p": pipeline}
-        ).to_pylist()
-        entries: dict[str, set[str]] = {}
-        for r in rows:
-            entries.setdefault(str(r["column_name"]), set()).add(str(r["value_hash"]))
-        return cls(entries)
-
-    def split(self, data: pa.Table, hasher: KeyedHasher | None, where: str) -> tuple[pa.Table, int]:
-        """``data`` without rows whose suppressed columns hash to an erased value; and how many went."""
-        cols = [c for c in self.entries if c in data.column_names and self.entries[c]]
-        if not cols or data.num_rows == 0:
-            return data, 0
-        if hasher is None:
-            raise ConfigError(
-                f"{where}: erased subjects are suppressed by keyed hash, but no PII salt is configured "
-                "(transform.pii.hash + saltSecretRef)"
-            )
-        drop: Any = None
-        for c in cols:
-            hashed = hasher.hash_values(data.column(c))
-            hit = pc.fill_null(pc.is_in(hashed, value_set=pa.array(sorted(self.entries[c]), pa.string())), False)
-            drop = hit if drop is None else pc.or_(drop, hit)
-        n = int(pc.sum(drop).as_py() or 0)
-        return (data.filter(pc.invert(drop)), n) if n else (data, 0)
 
 
 def suppress(wh: Warehouse, spec: PipelineSpec, subject: Subject, erasure_id: str) -> int:

@@ -14,8 +14,7 @@ Every warehouse table opsloop writes is listed here by name (an unlisted table f
   with the same payload, nothing is confirmed with another (stale) payload, nothing fails, and a
   record is sent twice only where the fault sits between the log append and the sync-state commit
   (the documented at-least-once window: the same values again, an idempotent upsert);
-* the **CRM sandbox**: the same records (no duplicates created) with the same AI field values, and
-  the sync state never claims a value the CRM does not hold.
+* the **CRM sandbox**: the same records (no duplicates) and AI field values; no sync state the CRM lacks.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from opsloop.errors import ConfigError
 from opsloop.ingest import ingest_source
 from opsloop.sources.files import FileSource
 from opsloop.spec import PipelineSpec, load_spec, parse_spec
+from opsloop.suppression import Suppression
 from opsloop.transform.pii import KeyedHasher, PiiTransformer
 from opsloop.warehouse.base import TableRef, TableSchema
 from opsloop.warehouse.duckdb import DuckDBAdapter
@@ -120,7 +121,7 @@ def test_suppression_keeps_an_erased_subject_out_of_later_loads(tmp_path: Path, 
     assert any(f.startswith("privacy: ") for f in inc["streams"]["customers"]["flags"])
     # matching needs the keyed hash: no salt, no silent pass-through
     with pytest.raises(ConfigError, match="no PII salt"):
-        privacy.Suppression.load(duckdb_wh, spec.name).split(customers(2), None, "ops_ai.customers")
+        Suppression.load(duckdb_wh, spec.name).split(customers(2), None, "ops_ai.customers")
 
 
 def test_erase_warehouse_and_crm_then_rerun_is_harmless(

@@ -30,9 +30,9 @@ from opsloop.ingest.writer import (
     insert_segment,
     session,
 )
-from opsloop.privacy import Suppression
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, UNCHANGED_COL, LoadRequest, LoadResult, Position
 from opsloop.spec import PipelineSpec, SourceSpec, TableSpec
+from opsloop.suppression import Suppression
 from opsloop.transform import pyvalues
 from opsloop.transform.dedup import apply_dedup, spec_for
 from opsloop.transform.pii import PiiTransformer
@@ -45,15 +45,6 @@ META_COLUMNS = frozenset({LSN_COL, SEQ_COL, DELETED_COL, UNCHANGED_COL})
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between source and worker
 SUPERSEDED_NOTE = "row(s) superseded by a later version of the same key in one load (transform.deduplicate)"
 SUPPRESSED_NOTE = "row(s) of erased data subjects skipped (_erasure_suppress; docs/runbooks.md#erasure-request)"
-
-
-def _add_count_flag(run: StreamRun, prefix: str, n: int, text: str) -> None:
-    """Keep one ``<prefix><total> <text>`` flag per stream, summed over its loads."""
-    old = next((f for f in run.flags if f.startswith(prefix)), None)
-    total = n + (int(old[len(prefix) :].split(" ", 1)[0]) if old else 0)
-    if old:
-        run.flags.remove(old)
-    run.flags.append(f"{prefix}{total} {text}")
 
 
 @dataclass(frozen=True)
@@ -300,9 +291,9 @@ class StreamLoader:
             quarantine.discard()
             run.rows_read += counts["read"]
             if counts["superseded"]:
-                _add_count_flag(run, "dedup: ", counts["superseded"], SUPERSEDED_NOTE)
+                run.add_count_flag("dedup: ", counts["superseded"], SUPERSEDED_NOTE)
             if counts["suppressed"]:
-                _add_count_flag(run, "privacy: ", counts["suppressed"], SUPPRESSED_NOTE)
+                run.add_count_flag("privacy: ", counts["suppressed"], SUPPRESSED_NOTE)
             run.rows_quarantined += gate.rows_failed  # distinct rows (a row may fail two rules)
             for rule, k in gate.by_rule.items():
                 run.quarantined_by_rule[rule] = run.quarantined_by_rule.get(rule, 0) + k

@@ -64,6 +64,14 @@ class StreamRun:
     quarantined_by_rule: dict[str, int] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
 
+    def add_count_flag(self, prefix: str, n: int, text: str) -> None:
+        """Keep one ``<prefix><total> <text>`` flag per stream, summed over its loads."""
+        old = next((f for f in self.flags if f.startswith(prefix)), None)
+        total = n + (int(old[len(prefix) :].split(" ", 1)[0]) if old else 0)
+        if old:
+            self.flags.remove(old)
+        self.flags.append(f"{prefix}{total} {text}")
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "stream": self.stream,

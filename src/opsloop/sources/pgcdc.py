@@ -36,6 +36,7 @@ from psycopg import pq, sql
 from opsloop import faults
 from opsloop.errors import ConfigError, TerminalError, TransientError
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, LoadRequest, Position, Sink, parse_extra
+from opsloop.sources.pgcdc_setup import ensure_publication
 from opsloop.sources.pgchanges import TableChanges
 from opsloop.sources.pgcopy import PgTable, copy_to_arrow, copy_values, describe_table
 from opsloop.sources.pgoutput import ChangeBatch, lsn_to_int, lsn_to_str
@@ -128,63 +129,8 @@ class PostgresCdc:
 
     def _ensure_publication(self, conn: psycopg.Connection) -> list[str]:
         """Create the publication or add missing tables; returns the tables that were added."""
-        pub = sql.Identifier(self.publication)
-        exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)).fetchone()
-        have = {
-            r[0]
-            for r in conn.execute(
-                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
-                (self.publication,),
-            ).fetchall()
-        }
-        missing = [info for _, info, _ in self.tables.values() if info.qualified not in have]
-        if exists and not missing:
-            return []
-        self._check_publication_privileges(conn, missing, exists=bool(exists))
-        for info in missing:
-            if info.replica_identity == "nothing" or (info.replica_identity == "default" and not info.primary_key):
-                raise ConfigError(
-                    f"table {info.qualified} has no replica identity (no primary key): publishing it would make "
-                    f"UPDATE/DELETE on it fail in the source. Add a primary key or ALTER TABLE {info.qualified} "
-                    "REPLICA IDENTITY FULL first"
-                )
-        tables = sql.SQL(", ").join(info.ident for info in missing)
-        try:
-            if exists:
-                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, tables))
-            else:
-                conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, tables))
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise TerminalError(f"publication {self.publication!r}: {exc} (role {self.user!r})") from exc
-        return [info.name for info in missing] if exists else []
-
-    def _check_publication_privileges(self, conn: psycopg.Connection, tables: list[PgTable], exists: bool) -> None:
-        if not exists:
-            (can_create,) = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone() or (
-                False,
-            )
-            if not can_create:
-                raise TerminalError(
-                    f"Postgres role {self.user!r} needs CREATE on database {self.database!r} to create publication "
-                    f"{self.publication!r}: GRANT CREATE ON DATABASE {self.database} TO {self.user} "
-                    f"(or have the owner run CREATE PUBLICATION {self.publication} FOR TABLE …)"
-                )
-        not_owned = [
-            info.qualified
-            for info in tables
-            if not (
-                conn.execute(
-                    "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class WHERE oid = %s", (info.oid,)
-                ).fetchone()
-                or (False,)
-            )[0]
-        ]
-        if not_owned:
-            raise TerminalError(
-                f"Postgres role {self.user!r} must own table(s) {not_owned} (table ownership) to add them to "
-                f"publication {self.publication!r}: ALTER TABLE … OWNER TO {self.user}, or have the owner run "
-                f"ALTER PUBLICATION {self.publication} ADD TABLE …"
-            )
+        infos = [info for _, info, _ in self.tables.values()]
+        return ensure_publication(conn, self.publication, infos, role=self.user, database=self.database)
 
     def _slot(self, conn: psycopg.Connection) -> dict[str, Any] | None:
         row = conn.execute(
