@@ -21,9 +21,9 @@ from starlette.responses import Response
 
 from sandbox import defaults
 from sandbox.defaults import HUBSPOT, SALESFORCE
+from sandbox.records import Rec
 from sandbox.runtime import Fault, RecordRule, Sandbox
 from sandbox.sf_core import SYSTEM_LOWER, new_ids
-from sandbox.store import Rec
 from sandbox.util import hs_time, json_response, parse_ts, sf_time
 
 
@@ -192,13 +192,13 @@ async def _dispatch(sb: Sandbox, req: Request) -> Response:
         vendor, obj = _vendor_obj(sb, body)
         start, count = int(body.get("start", 1)), int(body["count"])
         template: dict[str, Any] = body.get("fields") or {}
-        recs = []
+        seeds: list[dict[str, Any]] = []
         for i in range(start, start + count):
             base = defaults.seed_values(vendor, obj, i)
             base.update({k: (v.format(i=i) if isinstance(v, str) else v) for k, v in template.items()})
-            recs.append(base)
+            seeds.append(base)
         stamp = parse_ts(body["modstamp"]) if body.get("modstamp") else None
-        ids = load_records(sb, vendor, obj, recs, stamp, int(body.get("step_ms", 0)))
+        ids = load_records(sb, vendor, obj, seeds, stamp, int(body.get("step_ms", 0)))
         return json_response(
             {"count": len(ids), "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None}
         )

@@ -12,8 +12,8 @@ from typing import Any
 
 from sandbox.app import BadRequest
 from sandbox.defaults import HUBSPOT
+from sandbox.records import Rec
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec
 from sandbox.util import hs_error, hs_time, parse_ts
 
 SYSTEM = ("hs_object_id", "createdate", "lastmodifieddate", "hs_lastmodifieddate")
@@ -178,6 +178,10 @@ def find(sb: Sandbox, obj: str, id_property: str, values: list[str]) -> dict[str
         return {k.lower(): r for k, r in recs.items() if not r.deleted}
     out: dict[str, Rec] = {}
     for value, holders in sb.store.lookup_records(HUBSPOT, obj, id_property, values).items():
+        if len(holders) == 1:  # the usual case: one record holds the value
+            if not holders[0].deleted:
+                out[value] = holders[0]
+            continue
         live = [r for r in holders if not r.deleted]  # holders come in id order
         if live:
             out[value] = live[0]

@@ -12,8 +12,8 @@ from typing import Any
 from sandbox import hs_core as core
 from sandbox.app import BadRequest
 from sandbox.defaults import HUBSPOT
+from sandbox.records import Rec
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec
 from sandbox.util import hs_error, parse_ts
 
 MAX_LIMIT = 200

@@ -14,8 +14,8 @@ from sandbox import hs_core as core
 from sandbox.app import BadRequest, Router, read_json
 from sandbox.defaults import HUBSPOT, hs_property
 from sandbox.hs_search import search
+from sandbox.records import Rec, key_values
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec, key_values
 from sandbox.util import hs_error, hs_time, json_response
 
 P = r"/crm/v3/properties/(?P<obj>[\w-]+)"
@@ -157,17 +157,18 @@ def register(r: Router) -> None:
         keys = [str(i.get("id", "")) for i in inputs]
         if any(not k for k in keys):
             return hs_error(400, "VALIDATION_ERROR", "every input needs an id")
-        seen = Counter(k.lower() for k in keys)
-        dup = sorted({k for k in keys if seen[k.lower()] > 1})
-        if dup:
+        lowered = [k.lower() for k in keys]
+        if len(set(lowered)) != len(lowered):
+            seen = Counter(lowered)
+            dup = sorted({k for k, low in zip(keys, lowered, strict=True) if seen[low] > 1})
             return hs_error(400, "VALIDATION_ERROR", f"Duplicate IDs found in batch input: {dup}")
         found: dict[tuple[str, str], Rec] = {}
         for idp in set(id_props):
-            vals = [k for k, p in zip(keys, id_props, strict=True) if p == idp]
+            vals = keys if len(canon) == 1 else [k for k, p in zip(keys, id_props, strict=True) if p == idp]
             found.update({(idp, v): rec for v, rec in core.find(sb, name, idp, vals).items()})
         key_fields = sb.key_fields(HUBSPOT, name)
         # a key property written (other than the id property a record was matched on): compare keys
-        written_keys = {k for p in props for k in p} & set(key_fields)
+        written_keys = set().union(*props) & set(key_fields)
         old_keys = (
             {rec.id: key_values(rec, key_fields) for rec in found.values()} if written_keys else None
         )  # taken before any change
@@ -176,14 +177,12 @@ def register(r: Router) -> None:
             core.new_ids(
                 sb,
                 sum(
-                    1
-                    for k, i in zip(keys, id_props, strict=True)
-                    if (i, k.lower()) not in found and i != "hs_object_id"
+                    1 for low, i in zip(lowered, id_props, strict=True) if (i, low) not in found and i != "hs_object_id"
                 ),
             )
         )
-        for key, idp, p in zip(keys, id_props, props, strict=True):
-            rec = found.get((idp, key.lower()))
+        for key, low, idp, p in zip(keys, lowered, id_props, props, strict=True):
+            rec = found.get((idp, low))
             is_new = rec is None
             if rec is None:
                 if idp == "hs_object_id":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections import OrderedDict, deque
@@ -52,7 +53,7 @@ class RecordRule:
     vendor: str
     object: str
     field: str
-    values: list[str] = field(default_factory=list)
+    values: list[str] = dataclasses.field(default_factory=list)  # the class's own ``field`` shadows the function
     regex: str | None = None
     error_code: str = "FIELD_CUSTOM_VALIDATION_EXCEPTION"
     message: str = "rejected by a sandbox validation rule"

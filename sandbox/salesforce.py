@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -246,11 +247,12 @@ async def _collection(req: Request, obj: str) -> tuple[list[dict[str, Any]], boo
                 f"You cannot submit more than {MAX_COLLECTION} records in a single sObject Collections request",
             )
         )
+    obj_low = obj.lower()
     for rec in records:
         t = (rec.get("attributes") or {}).get("type")
         if not t:
             raise BadRequest(sf_error(400, "INVALID_TYPE", "Must send a concrete entity type.", ["attributes"]))
-        if obj and t.lower() != obj.lower():
+        if obj and t.lower() != obj_low:
             raise BadRequest(sf_error(400, "INVALID_TYPE", f"record type {t} does not match the URI type {obj}"))
     return records, bool(body.get("allOrNone"))
 
@@ -336,9 +338,14 @@ def _filter_sort(
             if soql.matches(vals, rest):
                 hits.append(({o: vals[fs[o.lower()]["name"]] for o, _ in q.order}, rec.rid or 0))
     for name, desc in reversed(q.order):
-        hits.sort(key=lambda h, n=name: (h[0][n] is not None, h[0][n] if h[0][n] is not None else 0), reverse=desc)
+        hits.sort(key=_order_key(name), reverse=desc)
     rids = [rid for _, rid in hits][q.offset :]
     return rids if q.limit is None else rids[: q.limit]
+
+
+def _order_key(name: str) -> Callable[[tuple[dict[str, Any], int]], tuple[bool, Any]]:
+    """Sort key on field ``name`` of a hit (nulls first)."""
+    return lambda h: (h[0][name] is not None, h[0][name] if h[0][name] is not None else 0)
 
 
 def _chunks(sb: Sandbox, obj: str, where: str, params: tuple[Any, ...]) -> Any:

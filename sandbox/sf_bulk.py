@@ -188,17 +188,30 @@ def register(r: Router) -> None:
 
 def _read_csv(data: bytes, info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     text = data.decode("utf-8-sig")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=DELIMITERS[info["columnDelimiter"]])
-    rows = [row for row in reader if row]
+    delimiter = DELIMITERS[info["columnDelimiter"]]
+    if '"' in text or "\r" in text or "\0" in text:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = [row for row in reader if row]
+    else:  # nothing quoted, LF line ends: each line splits on the delimiter exactly as csv.reader reads it
+        rows = [line.split(delimiter) for line in text.split("\n") if line]
     return (rows[0], rows[1:]) if rows else ([], [])
 
 
 def _write_csv(header: list[str], rows: list[list[Any]]) -> bytes:
+    """Every field quoted (as csv.writer with QUOTE_ALL writes it), LF line ends."""
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue().encode()
+    lines: list[str] = []
+    for row in (header, *rows):
+        line = '","'.join(row)
+        if line.count('"') == 2 * len(row) - 2:  # no field holds a quote (and every field is text)
+            lines.append('"' + line + '"\n')
+        else:  # a quote to double, or an empty row: csv.writer's own form
+            w.writerow(row)
+            lines.append(buf.getvalue())
+            buf.seek(0)
+            buf.truncate()
+    return "".join(lines).encode()
 
 
 def _process(sb: Sandbox, info: dict[str, Any]) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.defaults import SALESFORCE, SF_PREFIX, SF_SYSTEM
+from sandbox.records import Rec, key_values
 from sandbox.runtime import Sandbox
-from sandbox.store import Rec, key_values
 from sandbox.util import parse_sf_datetime, parse_ts, sf_id, sf_time
 
 SYSTEM_LOWER = {s.lower() for s in SF_SYSTEM}
@@ -227,6 +227,12 @@ def write_rows(
         else:
             hits = sb.store.lookup_records(SALESFORCE, obj, ext, [x for x in lows if x is not None])
             for key, recs in hits.items():
+                if len(recs) == 1:  # the usual case: one record holds the value
+                    held = recs[0]
+                    existing[held.id] = held
+                    if not held.deleted:
+                        found[key] = [held.id]
+                    continue
                 for held in recs:
                     existing[held.id] = held
                 live = [held.id for held in recs if not held.deleted]
@@ -251,12 +257,18 @@ def write_rows(
     ext_name = fs[ext_field.lower()]["name"] if ext_field and op == "upsert" else None
     fresh = iter(new_ids(sb, obj, sum(1 for t, r in zip(targets, results, strict=True) if t is None and r.success)))
     writes: list[Rec] = []
+    keys = sb.key_fields(SALESFORCE, obj)
+    key_may_change = any(k in plan.given and k != ext_name for k in keys)
+    # the key values records had before this request (taken now: an upsert updates its records in place)
+    old_keys = {r.id: key_values(r, keys) for r in existing.values()} if key_may_change else None
     checked = op in ("update", "delete")
-    for i, row in enumerate(rows):
-        res = results[i]
+    # an upsert's rows target distinct records (a repeated external id fails them all): each row
+    # updates its record in place; an update may name one Id twice, each row applies to the record read
+    in_place = op == "upsert"
+    apply = plan.apply
+    for row, res, target, low in zip(rows, results, targets, lows or [None] * n, strict=True):
         if not res.success:
             continue
-        target = targets[i]
         old = existing.get(target) if target else None
         if checked and (old is None or (old.deleted and op == "update")):
             res.fail(
@@ -271,9 +283,9 @@ def write_rows(
                 writes.append(Rec(old.id, old.created, now, True, dict(old.data), old.rid))
             continue
         skip = None  # matched case-insensitively on the external id: the stored value is kept
-        if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == lows[i]:
+        if old is not None and ext_name and str(old.data.get(ext_name, "")).lower() == low:
             skip = ext_name
-        rec = plan.apply(row, old, res, skip)
+        rec = apply(row, old, res, skip, in_place)
         if rec is None:
             continue
         if old is None:
@@ -294,10 +306,9 @@ def write_rows(
                     }
                 )
         return results
-    keys = sb.key_fields(SALESFORCE, obj)
     with sb.store.tx() as tx:
-        if any(k in plan.given and k != ext_name for k in keys):  # a key may change: compare with the old ones
-            tx.write(SALESFORCE, obj, writes, keys, {r.id: key_values(r, keys) for r in existing.values()})
+        if old_keys is not None:  # a key may change: compare with the old ones
+            tx.write(SALESFORCE, obj, writes, keys, old_keys)
         else:  # rows set no key field but the matched external id: existing records keep their index rows
             tx.write(SALESFORCE, obj, writes, keys, reindex=[r for r in writes if r.id not in existing])
     return results
@@ -315,10 +326,19 @@ class _Plan:
         self.required = [d["name"] for d in fs.values() if d.get("required")]
         self.required_given = any(n in keys for n in self.required)
 
-    def apply(self, row: dict[str, Any], old: Rec | None, res: RowResult, skip: str | None = None) -> Rec | None:
+    def apply(
+        self, row: dict[str, Any], old: Rec | None, res: RowResult, skip: str | None = None, in_place: bool = False
+    ) -> Rec | None:
         """The record ``row`` makes of ``old`` (None: a new one), or None with ``res`` failed.
-        ``skip``: a field of ``row`` to leave as stored (the matched external id)."""
-        data = dict(old.data) if old is not None else {}
+        ``skip``: a field of ``row`` to leave as stored (the matched external id). ``in_place``: the
+        caller discards ``old`` afterwards — it is updated and returned, not copied (if the row
+        fails, ``old`` may hold some of its values; it must not be written then)."""
+        if old is None:
+            data: dict[str, Any] = {}
+        elif in_place:
+            data = old.data
+        else:
+            data = dict(old.data)
         if self.system:
             readonly = [k for k in row if k in _SYSTEM_CANON and k != skip]
             if readonly:
@@ -330,15 +350,16 @@ class _Plan:
                     readonly,
                 )
                 return None
-        coerce = self.coerce
+        coercer_of = self.coerce.get  # every given field but Id (and a Collections record's "attributes")
         for k, v in row.items():
-            if k == "Id" or k == skip or k == "attributes":
+            to_value = coercer_of(k)
+            if to_value is None or k == skip:
                 continue
             if v is None:
                 data.pop(k, None)
                 continue
             try:
-                value = coerce[k](v)
+                value = to_value(v)
             except OverflowError as exc:
                 res.fail("STRING_TOO_LONG", str(exc), [k])
                 return None
@@ -366,4 +387,7 @@ class _Plan:
                 return None
         if old is None:
             return Rec("", 0, 0, False, data, None)
+        if in_place:
+            old.deleted = False
+            return old
         return Rec(old.id, old.created, 0, False, data, old.rid)

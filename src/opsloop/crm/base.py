@@ -73,20 +73,47 @@ class BatchResult:
 
     def arrays(self) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
         """(status, crm_id, error_code, error_message) as Arrow string arrays."""
-
-        def arr(values: Outcome) -> pa.Array:
-            if isinstance(values, pa.ChunkedArray):
-                values = values.combine_chunks()
-            if isinstance(values, pa.Array):
-                return values.cast(pa.string())
-            return pa.array(values, pa.string())
-
-        return arr(self.status), arr(self.crm_id), arr(self.error_code), arr(self.error_message)
+        return outcome_arrays([self])
 
     @classmethod
     def failed(cls, rows: pa.Table, code: str, message: str, api: str) -> BatchResult:
         n = rows.num_rows
         return cls(rows, ["failed"] * n, [None] * n, [code] * n, [message] * n, api)
+
+
+OUTCOMES = ("status", "crm_id", "error_code", "error_message")
+
+
+def _outcome_array(values: Outcome) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(values, pa.string())
+
+
+def outcome_arrays(results: Iterable[BatchResult]) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """(status, crm_id, error_code, error_message) of ``results``, concatenated in order, as Arrow
+    string arrays. Outcomes held as lists (one request's) are joined first and converted once:
+    a flush of a thousand 100-record requests makes four arrays, not four thousand."""
+    parts: list[list[pa.Array]] = [[], [], [], []]
+    pending: list[list[str | None]] = [[], [], [], []]
+    for r in results:
+        for i, name in enumerate(OUTCOMES):
+            values = getattr(r, name)
+            if isinstance(values, list):
+                pending[i] += values
+                continue
+            if pending[i]:
+                parts[i].append(pa.array(pending[i], pa.string()))
+                pending[i] = []
+            parts[i].append(_outcome_array(values))
+    out = []
+    for i in range(4):
+        if pending[i] or not parts[i]:
+            parts[i].append(pa.array(pending[i], pa.string()))
+        out.append(parts[i][0] if len(parts[i]) == 1 else pa.concat_arrays(parts[i]))
+    return out[0], out[1], out[2], out[3]
 
 
 @dataclass

@@ -19,6 +19,7 @@ order, with their canonical payload text, hash and one push-ready column per CRM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -30,7 +31,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opsloop.crm.base import FieldSpec, PushRecord
-from opsloop.crm.payload import VALUE_PREFIX, encode_batch, jsonable, payload_hash, payload_json, payload_rows
+from opsloop.crm.payload import (
+    VALUE_PREFIX,
+    Hasher,
+    duckdb_hasher,
+    encode_batch,
+    hash_texts,
+    jsonable,
+    payload_hash,
+    payload_json,
+    payload_rows,
+)
 from opsloop.crm.synclog import SyncTables
 from opsloop.errors import TerminalError
 from opsloop.warehouse.base import TableRef, Warehouse
@@ -193,10 +204,21 @@ def build_candidates(wh: Warehouse, opts: DiffOptions, tables: SyncTables, workd
     enum_cols = [f.column for f in opts.fields if f.kind == "enumeration"]
     res = DiffResult(workdir / f"candidates_{slug}.arrow", values={c: set() for c in enum_cols})
     res.stats = dict.fromkeys(STATS, 0)
+    with contextlib.ExitStack() as stack:
+        hasher: Hasher = hash_texts
+        if getattr(wh, "dialect", "") == "duckdb" and callable(getattr(wh, "connect", None)):
+            # the payload hashes computed by DuckDB (the diff's session connection; the rows stream on a cursor)
+            hasher = duckdb_hasher(stack.enter_context(wh.connect()))  # type: ignore[attr-defined]
+        _stage(wh, sql, params, opts, res, hasher)
+    return res
+
+
+def _stage(wh: Warehouse, sql: str, params: dict[str, Any], opts: DiffOptions, res: DiffResult, hasher: Hasher) -> None:
+    """Stream the diff query, decide each batch and spill the candidates to ``res.path``."""
     writer: pa.ipc.RecordBatchFileWriter | None = None
     try:
         for batch in wh.read_batches(sql, params, batch_rows=opts.batch_rows):
-            staged = _decide(pa.Table.from_batches([batch]), opts, res)
+            staged = _decide(pa.Table.from_batches([batch]), opts, res, hasher)
             if staged is not None and staged.num_rows:
                 if writer is None:
                     writer = pa.ipc.new_file(str(res.path), staged.schema)
@@ -204,19 +226,18 @@ def build_candidates(wh: Warehouse, opts: DiffOptions, tables: SyncTables, workd
     finally:
         if writer is not None:
             writer.close()
-    return res
 
 
 def _int_col(t: pa.Table, name: str) -> pa.Array:
     return pc.fill_null(t.column(name).cast(pa.int64()), 0).combine_chunks()
 
 
-def _decide(t: pa.Table, opts: DiffOptions, res: DiffResult) -> pa.Table | None:
+def _decide(t: pa.Table, opts: DiffOptions, res: DiffResult, hasher: Hasher = hash_texts) -> pa.Table | None:
     """Decide one streamed batch with Arrow masks; return its staged candidates (or None)."""
     st = res.stats
     n = t.num_rows
     st["rows"] += n
-    texts, hashes, values = encode_batch(t, opts.fields)
+    texts, hashes, values = encode_batch(t, opts.fields, hasher)
     prev_hash = t.column("_prev_hash").combine_chunks()
     unchanged = pc.fill_null(pc.equal(prev_hash, hashes), False)
     st["unchanged"] += pc.sum(unchanged).as_py() or 0

@@ -239,18 +239,31 @@ class HubSpotSink(SinkBase):
         crm_id: list[str | None] = [None] * n
         codes: list[str | None] = ["MISSING_RESULT"] * n
         messages: list[str | None] = ["HubSpot returned no result for this input"] * n
-        pos = {str(k).lower(): i for i, k in enumerate(t.column("external_id").to_pylist())}
+        ids = t.column("external_id").to_pylist()
+        pos: dict[str, int] | None = None  # built only when an answer is not in input order
         done: set[int] = set()
-        for item in data.get("results") or []:
-            i = pos.get(str((item.get("properties") or {}).get(idp) or "").lower())
+        for j, item in enumerate(data.get("results") or []):
+            key = (item.get("properties") or {}).get(idp)
+            if j < n and key is not None and key == ids[j]:  # HubSpot's usual order: the inputs'
+                i: int | None = j
+            else:
+                if pos is None:
+                    pos = {str(k).lower(): i for i, k in enumerate(ids)}
+                i = pos.get(str(key or "").lower())
             if i is not None:
                 status[i] = "created" if item.get("new") else "updated"
                 crm_id[i], codes[i], messages[i] = str(item.get("id")), None, None
                 done.add(i)
-        for err in data.get("errors") or []:
-            ids = (err.get("context") or {}).get("ids") or []
+        errors = data.get("errors") or []
+        by_key = pos if pos is not None or not errors else {str(k).lower(): i for i, k in enumerate(ids)}
+        for err in errors:
+            assert by_key is not None  # built above whenever there are errors
+            err_ids = (err.get("context") or {}).get("ids") or []
             code = str(err.get("subCategory") or err.get("category") or "ERROR")
-            targets = [pos.get(str(k).lower()) for k in ids] if ids else [i for i in pos.values() if i not in done]
+            if err_ids:
+                targets = [by_key.get(str(k).lower()) for k in err_ids]
+            else:
+                targets = [i for i in by_key.values() if i not in done]
             for i in targets:
                 if i is not None and i not in done:
                     codes[i], messages[i] = code, str(err.get("message"))[:1000]

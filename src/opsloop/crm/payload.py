@@ -47,9 +47,37 @@ def payload_hash(payload: dict[str, Any], text: str | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+Hasher = Callable[[pa.Array], pa.Array]
+
+
 def hash_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     sha = hashlib.sha256
     return pa.array([sha(t.encode()).hexdigest()[:32] for t in texts.to_pylist()], pa.string())
+
+
+def duckdb_hasher(con: Any, min_rows: int = 5000) -> Hasher:
+    """:func:`hash_texts` computed by DuckDB's ``sha256`` on connection ``con``: the same digests
+    (SHA-256 of the UTF-8 text, first 32 hex digits) from one C++ loop instead of a hashlib call per
+    row — about a third of the CPU. Batches under ``min_rows`` (a query's fixed cost) use hashlib."""
+
+    def hashes(texts: pa.Array) -> pa.Array:
+        n = len(texts)
+        if n < min_rows:
+            return hash_texts(texts)
+        con.register("_opsloop_payload_texts", pa.table({"i": pa.array(range(n), pa.int64()), "t": texts}))
+        try:
+            out = con.sql("SELECT i, left(sha256(t), 32) AS h FROM _opsloop_payload_texts").to_arrow_table()
+        finally:
+            con.unregister("_opsloop_payload_texts")
+        if out.num_rows != n:
+            raise RuntimeError(f"DuckDB hashed {out.num_rows} of {n} payloads")
+        digests = out.column("h").combine_chunks().cast(pa.string())
+        pos = out.column("i").combine_chunks()
+        if not pc.all(pc.equal(pos, pa.array(range(n), pa.int64()))).as_py():  # row order not kept: restore it
+            digests = digests.take(pc.sort_indices(pos))
+        return digests
+
+    return hashes
 
 
 def _by_distinct(col: pa.Array, fn: Callable[[Any], str | None]) -> pa.Array:
@@ -93,7 +121,9 @@ def encode_column(col: pa.Array) -> tuple[pa.Array, pa.Array]:
     )
 
 
-def encode_batch(table: pa.Table, fields: list[FieldSpec]) -> tuple[pa.Array, pa.Array, dict[str, pa.Array]]:
+def encode_batch(
+    table: pa.Table, fields: list[FieldSpec], hasher: Hasher = hash_texts
+) -> tuple[pa.Array, pa.Array, dict[str, pa.Array]]:
     """(canonical JSON texts, their hashes, {crm field: push-ready values}) for one batch."""
     parts: list[Any] = []
     values: dict[str, pa.Array] = {}
@@ -108,7 +138,7 @@ def encode_batch(table: pa.Table, fields: list[FieldSpec]) -> tuple[pa.Array, pa
         texts = pc.binary_join_element_wise(*parts, "}", "")
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
-    return texts, hash_texts(texts), {f.crm_name: values[f.crm_name] for f in fields}
+    return texts, hasher(texts), {f.crm_name: values[f.crm_name] for f in fields}
 
 
 def payload_rows(values: dict[str, pa.Array], indices: list[int] | None = None) -> list[dict[str, Any]]:

@@ -103,6 +103,27 @@ class DuckDBAdapter(DuckDBFile):
     def quote(self, ref: TableRef | str) -> str:
         return self._sql.table(ref) if isinstance(ref, TableRef) else self._sql.ident(ref)
 
+    def defer_vacuum(self, *refs: TableRef, dead_share: float = VACUUM_DEAD_SHARE, defer: bool = True) -> bool:
+        """Inside a :meth:`session`: let its checkpoints (the one when it closes included) leave row
+        groups as they are — no vacuum — unless one of ``refs`` already holds more than
+        ``dead_share`` deleted rows (then vacuuming stays on and reclaims them, as after a MERGE).
+        For a run of writes in several sessions, such as the sync log's flushes: with vacuuming on,
+        each one's checkpoint rewrites row groups the previous ones wrote — an append-only log's
+        last row groups, merged again at every append; a state table's row groups that lost rows,
+        though the next flushes delete the rest of them. A row group whose rows were all deleted is
+        dropped either way. ``defer=False`` turns vacuuming back on for the session. Returns True
+        when vacuuming was deferred (outside a session: nothing done, False)."""
+        if self._session.con is None:
+            return False
+        with self.connect() as con:
+            for ref in refs if defer else ():
+                physical, live = self._row_counts(con, ref)
+                if physical - live > dead_share * physical:
+                    defer = False
+                    break
+            con.execute("SET max_vacuum_tasks = 0" if defer else "RESET max_vacuum_tasks")
+        return defer
+
     def _record(
         self,
         kind: str,
