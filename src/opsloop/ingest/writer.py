@@ -126,7 +126,7 @@ def insert_segment(
 
 # rows per committed piece of a direct load (eight DuckDB row groups): one transaction appending a
 # whole snapshot grew with it (5M rows: 321 MB against 240 at 1M); committed pieces, each followed by
-# ``release_cache``, keep the load at a piece's memory (252 MB at 5M)
+# ``release_cache``, keep the load at a piece's memory (253–257 MB at 5M)
 DIRECT_PIECE_ROWS = 983_040
 
 

@@ -128,7 +128,7 @@ class DuckDBFile:
         """Drop the table blocks DuckDB's buffer pool keeps after the statements that read or wrote
         them (it frees them only at ``memory_limit``, or when the file's last connection closes): a
         session's connection is closed and opened again. Between the committed pieces of a long load
-        this keeps memory at a piece's, not the table's (5M-row initial load: 321 → 252 MB). Outside a
+        this keeps memory at a piece's, not the table's (5M-row initial load: 321 → 253–257 MB). Outside a
         session each operation's connection has closed already; inside a transaction it waits."""
         s = self._session
         if s.con is None or s.in_tx:
