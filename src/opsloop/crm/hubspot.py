@@ -240,30 +240,30 @@ class HubSpotSink(SinkBase):
         codes: list[str | None] = ["MISSING_RESULT"] * n
         messages: list[str | None] = ["HubSpot returned no result for this input"] * n
         ids = t.column("external_id").to_pylist()
-        pos: dict[str, int] | None = None  # built only when an answer is not in input order
+        pos: dict[str, int] = {}
+
+        def positions() -> dict[str, int]:
+            """Input row by lower-cased id property value, built on first use (HubSpot usually
+            answers in input order, which needs none)."""
+            if not pos:
+                pos.update((str(k).lower(), i) for i, k in enumerate(ids))
+            return pos
+
+        def position(key: Any) -> int | None:
+            return positions().get(str(key or "").lower())
+
         done: set[int] = set()
         for j, item in enumerate(data.get("results") or []):
             key = (item.get("properties") or {}).get(idp)
-            if j < n and key is not None and key == ids[j]:  # HubSpot's usual order: the inputs'
-                i: int | None = j
-            else:
-                if pos is None:
-                    pos = {str(k).lower(): i for i, k in enumerate(ids)}
-                i = pos.get(str(key or "").lower())
+            i = j if j < n and key is not None and key == ids[j] else position(key)
             if i is not None:
                 status[i] = "created" if item.get("new") else "updated"
                 crm_id[i], codes[i], messages[i] = str(item.get("id")), None, None
                 done.add(i)
-        errors = data.get("errors") or []
-        by_key = pos if pos is not None or not errors else {str(k).lower(): i for i, k in enumerate(ids)}
-        for err in errors:
-            assert by_key is not None  # built above whenever there are errors
+        for err in data.get("errors") or []:
             err_ids = (err.get("context") or {}).get("ids") or []
             code = str(err.get("subCategory") or err.get("category") or "ERROR")
-            if err_ids:
-                targets = [by_key.get(str(k).lower()) for k in err_ids]
-            else:
-                targets = [i for i in by_key.values() if i not in done]
+            targets = [position(k) for k in err_ids] if err_ids else [i for i in positions().values() if i not in done]
             for i in targets:
                 if i is not None and i not in done:
                     codes[i], messages[i] = code, str(err.get("message"))[:1000]
