@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg
@@ -11,7 +12,7 @@ from opsloop import faults
 from opsloop.devstack.postgres import PgCluster
 from opsloop.errors import ConfigError, InjectedFault, TerminalError
 from opsloop.ingest.loader import StreamLoader
-from opsloop.sources.pgcdc import PostgresCdc
+from opsloop.sources.pgcdc import PostgresCdc, flushed_end
 from opsloop.sources.pgoutput import lsn_to_int
 from opsloop.sources.postgres import PostgresSource
 from tests.ingest.conftest import (
@@ -251,3 +252,35 @@ def test_unchanged_toasted_values_are_kept(pg_dsn, wh, slots) -> None:
     cols = "id, name, qty"
     assert target_rows(wh, cols=cols) == source_rows(pg_dsn, cols=cols)
     assert all(len(r[1]) == 12800 for r in target_rows(wh, cols=cols))
+
+
+def test_stream_end_is_flushed_without_waiting_for_the_wal_writer(pg_cluster: PgCluster, pg_dsn: str) -> None:
+    """WAL no commit flushed (here an asynchronous commit — the test cluster runs with
+    synchronous_commit=off — with the WAL writer waking every 10 s; in production the background
+    writer's snapshot records or hint-bit page images after a big read) is flushed by a commit of the
+    run's own instead of waited for: the run used to sit out FLUSH_WAIT_SECONDS."""
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            time.sleep(0.5)  # the WAL writer takes the new delay at its next wake-up
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE probe (x int)")
+                for attempt in range(5):  # another client's synchronous commit could flush it first
+                    conn.execute("INSERT INTO probe VALUES (%s)", (attempt,))
+                    insert, flushed = conn.execute(
+                        "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+                    ).fetchone()
+                    if lsn_to_int(flushed) < lsn_to_int(insert):
+                        break
+                else:
+                    pytest.fail("could not leave WAL unflushed to test with")
+                started = time.monotonic()
+                end = flushed_end(conn)
+                took = time.monotonic() - started
+                (after,) = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+        finally:
+            admin.execute("ALTER SYSTEM RESET wal_writer_delay")
+            admin.execute("SELECT pg_reload_conf()")
+    assert lsn_to_int(end) >= lsn_to_int(insert) and lsn_to_int(after) >= lsn_to_int(end)
+    assert took < 1.0, f"waited {took:.1f} s for the WAL writer"

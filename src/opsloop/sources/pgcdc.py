@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 import pyarrow as pa
@@ -47,6 +47,36 @@ if TYPE_CHECKING:
     from opsloop.sources.postgres import PostgresSource
 
 FLUSH_WAIT_SECONDS = 10.0
+INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
+FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
+
+
+def flushed_end(conn: psycopg.Connection) -> str:
+    """The WAL position to read up to, once it is flushed (logical decoding reads only flushed WAL).
+
+    WAL that no commit flushed — an asynchronous commit, the background writer's snapshot record,
+    page images for hint bits after a big read — can stay unflushed for seconds: the WAL writer
+    flushes only whole pages unless an asynchronous commit waits. So when the position is ahead of
+    the flushed one, a transaction that writes one logical-decoding message (which pgoutput passes
+    on only to subscribers that ask for messages) commits synchronously: its commit comes after the
+    position and flushes everything before it — a transaction that writes no WAL of its own would
+    not. (A run right after another client's full-table read used to wait the whole
+    ``FLUSH_WAIT_SECONDS``.)"""
+    end = _lsn(conn, INSERT_LSN)
+    if lsn_to_int(_lsn(conn, FLUSH_LSN)) < lsn_to_int(end):
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SELECT pg_logical_emit_message(true, 'opsloop', 'flush')")
+    deadline = time.monotonic() + FLUSH_WAIT_SECONDS
+    while lsn_to_int(_lsn(conn, FLUSH_LSN)) < lsn_to_int(end) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return end
+
+
+def _lsn(conn: psycopg.Connection, query: LiteralString) -> str:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 class PostgresCdc:
@@ -236,20 +266,6 @@ class PostgresCdc:
             raise TransientError(f"replication slot {self.slot!r} is in use by another process: {exc}") from exc
 
     # -- stream --------------------------------------------------------------------------------
-    def _wait_flushed(self, conn: psycopg.Connection) -> str:
-        """The WAL position to read up to; waits until it is flushed (logical decoding reads only
-        flushed WAL, and an asynchronous commit may not be yet)."""
-        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-        assert row is not None
-        end = str(row[0])
-        deadline = time.monotonic() + FLUSH_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            flushed = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
-            if flushed and lsn_to_int(str(flushed[0])) >= lsn_to_int(end):
-                break
-            time.sleep(0.05)
-        return end
-
     def _peek(self, conn: psycopg.Connection, upto: str, batch: ChangeBatch) -> int:
         """Up to ``batch_changes`` changes (whole transactions) as one buffer, by binary COPY; returns
         the number of messages read."""
@@ -262,7 +278,7 @@ class PostgresCdc:
         return len(starts)
 
     def _stream(self, conn: psycopg.Connection, cursors: dict[str, int], gen: str) -> None:
-        upto = self._wait_flushed(conn)
+        upto = flushed_end(conn)
         if not gen:
             states = [parse_extra(self.sink.state(t.name)) for t, _, _ in self.tables.values()]
             gen = str(states[0].get("gen", "")) if states else ""
