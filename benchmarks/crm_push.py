@@ -66,6 +66,8 @@ ARROW = pa.schema(
         ("run_id", pa.string()),
     ]
 )
+# results recorded every RunOptions.flush_rows records (the default a flow run gets) unless set here
+FLUSH_ROWS: int | None = None
 ACTIONS = ("executive_call", "retention_offer", "check_in_email", "none")
 
 
@@ -127,7 +129,7 @@ def _opsloop(wh: Any, spec_dir: Path, crm: str, sbx: Any, sproc: Any, bulk: int,
         else hubspot_client(sbx.hubspot_token, sbx.url)
     )
     sink = make_sink(dest, client, str(dest.connection), spec)
-    opts = RunOptions(run_id=run, flush_rows=50_000)
+    opts = RunOptions(run_id=run) if FLUSH_ROWS is None else RunOptions(run_id=run, flush_rows=FLUSH_ROWS)
     before = sbx.requests()[crm]["requests"]
 
     def push() -> dict[str, Any]:
