@@ -10,8 +10,9 @@
   already spent today, from ``_sync_runs``); the sink stops *before* a call that would exceed it
   and the rest waits for the next run (``deferred``). A CRM-side "daily limit reached" stops the
   same way.
-* results are flushed every ``flush_rows`` records and on any exit (error included), so confirmed
-  records are never re-sent after a failure, except those between the last flush and a kill.
+* results are recorded every ``flush_rows`` records (on a background thread, while the push goes on)
+  and on any exit (error included), so confirmed records are never re-sent after a failure, except
+  those a kill caught unrecorded: the flush in progress, the buffer and the requests in flight.
 """
 
 from __future__ import annotations
