@@ -22,7 +22,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from opsloop import faults
 from opsloop.crm.base import BatchResult, BudgetCapReached, CrmSink, FieldSpec, PushRecord
 from opsloop.crm.diff import DiffOptions, DiffResult, ReviewSource, build_candidates
+from opsloop.crm.flusher import BackgroundFlusher
 from opsloop.crm.gates import push_allowed
 from opsloop.crm.retry import CrmBudgetExhausted, RetryPolicy
 from opsloop.crm.synclog import SyncTables, held_open
@@ -251,17 +251,15 @@ def _push(
 
     A full buffer is recorded on a background thread while the push goes on (one flush at a time,
     in order; the next waits for it, and a failed flush stops the push at the next hand-off), so the
-    CRM is not left idle while the warehouse writes. That thread keeps one warehouse session over
-    back-to-back flushes (:class:`FlushSession`). Records pushed but not yet recorded when the
+    CRM is not left idle while the warehouse writes (:class:`~opsloop.crm.flusher.BackgroundFlusher`:
+    one warehouse session over back-to-back flushes). Records pushed but not yet recorded when the
     process dies: the flush in progress and the buffer (each < ``flush_rows`` + one batch) plus the
     requests in flight — all re-sent with the same values by the next run (idempotent upserts)."""
     buffer: list[BatchResult] = []
     buffered = 0
     attempted = 0
     flushes = 0
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-flush")
-    session = FlushSession(tables)
-    pending: Future[None] | None = None
+    writer = BackgroundFlusher(tables)
 
     def flush(batch: list[BatchResult], key: str) -> None:
         counts = tables.flush(batch, run.run_id, spec.sync.retry_cap, key)
@@ -272,11 +270,9 @@ def _push(
             report[name] = report.get(name, 0) + v
 
     def hand_off() -> None:
-        nonlocal buffer, buffered, flushes, pending
-        if pending is not None:
-            pending.result()  # one flush at a time; its error stops the push here
+        nonlocal buffer, buffered, flushes
         flushes += 1
-        pending = writer.submit(session.run, flush, buffer, f"{run.run_id}_{flushes}")
+        writer.submit(flush, buffer, f"{run.run_id}_{flushes}")  # waits for the previous one
         buffer, buffered = [], 0
 
     try:
@@ -295,9 +291,7 @@ def _push(
         report.update(status="failed", note=str(exc)[:500])
         raise
     finally:
-        closed = writer.submit(session.close)
-        writer.shutdown(wait=True)
-        failed = (pending.exception() if pending is not None else None) or closed.exception()
+        failed = writer.finish()
         last_flush()
         if buffered:
             flushes += 1
@@ -307,35 +301,6 @@ def _push(
         if failed is not None and report.get("status") != "failed":
             report.update(status="failed", note=str(failed)[:500])
             raise failed
-
-
-class FlushSession:
-    """The background flush thread's warehouse session (DuckDB: one connection) over back-to-back
-    flushes: opening and closing the file for each flush (a checkpoint each time) cost about a tenth
-    of a 100k-record push. It is closed after ``hold_seconds`` and at the end of the push, so another
-    process waiting for the file gets its turn during a long push. Call every method on that thread."""
-
-    def __init__(self, tables: SyncTables, hold_seconds: float = 10.0) -> None:
-        self.tables = tables
-        self.hold_seconds = hold_seconds
-        self._stack: contextlib.ExitStack | None = None
-        self._opened = 0.0
-
-    def run(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._stack is None:
-            stack = contextlib.ExitStack()
-            stack.enter_context(held_open(self.tables.wh))
-            self._stack, self._opened = stack, time.monotonic()
-        try:
-            fn(*args)
-        finally:
-            if time.monotonic() - self._opened >= self.hold_seconds:
-                self.close()
-
-    def close(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
 
 
 def _log_review(tables: SyncTables, run_id: str, recs: list[PushRecord], status: str) -> None:
