@@ -93,3 +93,19 @@ def test_flush_with_a_repeated_entity_keeps_one_state_row(tables: SyncTables) ->
     failed = _result(["y", "y"], ["h1"] * 2, ["failed"] * 2, attempt=2, code=["E"] * 2, msg=["m"] * 2)
     tables.flush([failed], "r2", retry_cap=5, job_key="r2_1")
     assert _read(tables, tables.retry)["y"]["attempts"] == 2
+
+
+def test_flush_replaces_older_state_rows_of_its_destination_only(tables: SyncTables) -> None:
+    other = SyncTables(tables.wh, "pipe", "other")
+    tables.flush([_result(["x", "y"], ["h1"] * 2, ["created"] * 2, crm=["1", "2"])], "r1", retry_cap=3, job_key="k1")
+    other.flush([_result(["x"], ["o1"], ["created"], crm=["7"])], "r1", retry_cap=3, job_key="k2")
+    # every state row of "dest" is older than this flush's: one join replaces x, y stays, "other" untouched
+    tables.flush([_result(["x"], ["h2"], ["updated"], crm=["1"])], "r2", retry_cap=3, job_key="k3")
+    rows = tables.wh.query(
+        f"SELECT destination, entity, payload_hash, run_id FROM {tables.wh.quote(tables.state)} ORDER BY 1, 2"
+    ).to_pylist()
+    assert [tuple(r.values()) for r in rows] == [
+        ("dest", "x", "h2", "r2"),
+        ("dest", "y", "h1", "r1"),
+        ("other", "x", "o1", "r1"),
+    ]

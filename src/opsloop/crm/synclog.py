@@ -301,7 +301,13 @@ class SyncTables:
     def _upsert_duckdb(self, state: pa.Table, retry: pa.Table) -> None:
         """The state and retry upserts of one flush on DuckDB, in one transaction, reading the Arrow
         tables directly (no staging tables). Same outcome as the MERGEs of :meth:`_merge`: a state
-        row replaces an older one (``pushed_at``), a retry row with ``_delete`` removes its entity."""
+        row replaces an older one (``pushed_at``), a retry row with ``_delete`` removes its entity.
+
+        When every state row this destination holds is older than the flush's (the usual case: a
+        flush's rows carry its own time), whatever matches is replaced: one join deletes, and every
+        staged row is inserted without a second join to find the ones a newer row keeps out."""
+        if not state.num_rows and not retry.num_rows:
+            return
         wh = self.wh
         q = wh.quote
         on = " AND ".join(f"t.{q(c)} = s.{q(c)}" for c in KEYS)
@@ -310,27 +316,32 @@ class SyncTables:
         mine = f"t.{q('pipeline')} = $pipeline AND t.{q('destination')} = $destination"
         state_cols = ", ".join(q(c) for c in STATE_ARROW.names)
         retry_cols = ", ".join(q(c) for c in RETRY_ARROW.names if c != "_delete")
-        statements: list[str] = []
-        if state.num_rows:
-            statements += [
-                f"DELETE FROM {q(self.state)} t USING _opsloop_sync_state s WHERE {mine} AND {on} "
-                f"AND (t.{q('pushed_at')} IS NULL OR s.{q('pushed_at')} > t.{q('pushed_at')})",
-                f"INSERT INTO {q(self.state)} ({state_cols}) SELECT {state_cols} FROM _opsloop_sync_state s "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {q(self.state)} t WHERE {mine} AND {on})",
-            ]
-        if retry.num_rows:
-            statements += [
-                f"DELETE FROM {q(self.retry)} t USING _opsloop_sync_retry s WHERE {mine} AND {on}",
-                f"INSERT INTO {q(self.retry)} ({retry_cols}) SELECT {retry_cols} FROM _opsloop_sync_retry s "
-                f"WHERE NOT s.{q('_delete')}",
-            ]
-        if not statements:
-            return
+        pushed = q("pushed_at")
+        delete_state = f"DELETE FROM {q(self.state)} t USING _opsloop_sync_state s WHERE {mine} AND {on}"
+        insert_state = f"INSERT INTO {q(self.state)} ({state_cols}) SELECT {state_cols} FROM _opsloop_sync_state s"
+        retry_sql = [
+            f"DELETE FROM {q(self.retry)} t USING _opsloop_sync_retry s WHERE {mine} AND {on}",
+            f"INSERT INTO {q(self.retry)} ({retry_cols}) SELECT {retry_cols} FROM _opsloop_sync_retry s "
+            f"WHERE NOT s.{q('_delete')}",
+        ]
+        params = {"pipeline": self.pipeline, "destination": self.destination}
         with _transaction(wh), wh.connect() as con:  # type: ignore[attr-defined]
             con.register("_opsloop_sync_state", state)
             con.register("_opsloop_sync_retry", retry)
             try:
-                params = {"pipeline": self.pipeline, "destination": self.destination}
+                statements: list[str] = []
+                if state.num_rows:
+                    row = con.execute(f"SELECT max({pushed}) FROM {q(self.state)} t WHERE {mine}", params).fetchone()
+                    newest = row[0] if row else None
+                    if newest is None or newest < pc.min(state.column("pushed_at")).as_py():
+                        statements += [delete_state, insert_state]
+                    else:  # a row as new as the flush's may be kept: only older ones are replaced
+                        statements += [
+                            f"{delete_state} AND (t.{pushed} IS NULL OR s.{pushed} > t.{pushed})",
+                            f"{insert_state} WHERE NOT EXISTS (SELECT 1 FROM {q(self.state)} t WHERE {mine} AND {on})",
+                        ]
+                if retry.num_rows:
+                    statements += retry_sql
                 for sql in statements:
                     con.execute(sql, params if "$pipeline" in sql else None)
             finally:
