@@ -63,10 +63,11 @@ def flushed_end(conn: psycopg.Connection) -> str:
     not. (A run right after another client's full-table read used to wait the whole
     ``FLUSH_WAIT_SECONDS``.)"""
     end = _lsn(conn, INSERT_LSN)
-    if lsn_to_int(_lsn(conn, FLUSH_LSN)) < lsn_to_int(end):
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = on")
-            conn.execute("SELECT pg_logical_emit_message(true, 'opsloop', 'flush')")
+    if lsn_to_int(_lsn(conn, FLUSH_LSN)) >= lsn_to_int(end):
+        return end
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, 'opsloop', 'flush')")
     deadline = time.monotonic() + FLUSH_WAIT_SECONDS
     while lsn_to_int(_lsn(conn, FLUSH_LSN)) < lsn_to_int(end) and time.monotonic() < deadline:
         time.sleep(0.05)
