@@ -60,7 +60,7 @@ def _scan_for(path: str, needles: list[str]) -> list[str]:
     return hits
 
 
-def test_raw_pii_reaches_no_warehouse_table(pg_dsn, tmp_path, slots) -> None:
+def test_raw_pii_reaches_no_warehouse_table(pg_dsn, tmp_path, slots, monkeypatch) -> None:
     from opsloop.warehouse.duckdb import DuckDBAdapter
 
     seed_items(pg_dsn, 40)
@@ -70,16 +70,32 @@ def test_raw_pii_reaches_no_warehouse_table(pg_dsn, tmp_path, slots) -> None:
     slots.append(spec.cdc.slot_name)
     path = tmp_path / "pii.duckdb"
     wh = DuckDBAdapter(path)
+    staged: list[str] = []  # every text value that reached a staging table (in memory on DuckDB)
+    real_load_staging = DuckDBAdapter.load_staging
+
+    def load_staging(self, ref, data, schema, job_key):  # type: ignore[no-untyped-def]
+        job = real_load_staging(self, ref, data, schema, job_key)
+        assert ref.temp, "inside the ingest session the staging table is a temporary one"
+        for row in self.query(f"SELECT * FROM {self.quote(ref)}").to_pylist():
+            staged.extend(v for v in row.values() if isinstance(v, str))
+        return job
+
+    monkeypatch.setattr(DuckDBAdapter, "load_staging", load_staging)
     out = run_ingest(wh, spec, pg_dsn, "r1")
     assert out["rows_quarantined"] == 1 and out["inserted"] == 39
-    # a failing gate leaves its staging table behind: it must be masked as well
+    exec_sql(pg_dsn, "UPDATE items SET email = 'undercover.victim@secret.example' WHERE id = 30")
+    assert run_ingest(wh, spec, pg_dsn, "r2")["updated"] == 1  # staged, then merged
+    assert any("***@" in v for v in staged)
+    # a failing gate stops the load after staging (its good rows, here none) and leaves no table behind
     exec_sql(pg_dsn, "UPDATE items SET amount = -5, email = 'Victim.Person@Secret.example' WHERE id <= 20")
     with pytest.raises(QualityGateError):
-        run_ingest(wh, spec, pg_dsn, "r2")
+        run_ingest(wh, spec, pg_dsn, "r3")
+    assert not [v for v in staged if "user" in v or "victim" in v.lower() or v.startswith("name ")]
     tables = {r["table_name"] for r in wh.query("SELECT table_name FROM information_schema.tables").to_pylist()}
-    assert {"items", "_stg_items", "_quarantine", "_opsloop_state", "_ingest_runs"} <= tables
+    assert {"items", "_quarantine", "_opsloop_state", "_ingest_runs"} <= tables
+    assert "_stg_items" not in tables  # staging never reached the file
     stored = wh.query("SELECT email, name, email_hash FROM ops.items WHERE id = 10").to_pylist()[0]
     assert stored["email"] == "u***@example.com" and stored["name"] == "n***" and len(stored["email_hash"]) == 64
-    raw = [f"user{i}@example.com" for i in range(1, 41)] + ["victim.person", "name 1"]
+    raw = [f"user{i}@example.com" for i in range(1, 41)] + ["victim.person", "undercover.victim", "name 1"]
     assert _scan_for(str(path), raw) == []
     assert _scan_for(str(path), ["u***@example.com"])  # the scan does see masked values

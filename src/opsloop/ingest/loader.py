@@ -248,7 +248,7 @@ class StreamLoader:
             gate.enforce(q.max_share, q.min_rows)
             if staged_result.rows_staged and not empty_target:
                 fill_from_target(
-                    self.wh, target.ref, target.keys, staging_ref(target.ref), staged, table_schema, self.soft
+                    self.wh, target.ref, target.keys, staging_ref(target.ref, self.wh), staged, table_schema, self.soft
                 )
 
         # an empty target and keys unique by construction: INSERT instead of MERGE (see writer.py)

@@ -103,7 +103,7 @@ def insert_segment(
     """``write_merge`` for an empty target with unique keys: stage, gate, INSERT, then the position."""
     result = WriteResult(str(target))
     wh.ensure_table(target, table_schema)
-    stg = staging_ref(target)
+    stg = staging_ref(target, wh)
     load = wh.load_staging(stg, _checked(batches, spec.keys, target), arrow_schema, job_key=f"{job_key}_load")
     result.jobs.append(load)
     result.rows_staged = load.rows

@@ -18,10 +18,14 @@ LOGICAL_TYPES = ("STRING", "INT64", "FLOAT64", "NUMERIC", "BOOL", "TIMESTAMP", "
 
 @dataclass(frozen=True)
 class TableRef:
-    """``dataset.table``; both parts validated as identifiers, so they are safe to quote into SQL."""
+    """``dataset.table``; both parts validated as identifiers, so they are safe to quote into SQL.
+
+    ``temp``: a table of the session connection's temporary catalog (DuckDB staging, see
+    :func:`opsloop.warehouse.write.staging_ref`), which never reaches the warehouse file."""
 
     dataset: str
     table: str
+    temp: bool = False
 
     def __post_init__(self) -> None:
         check_ident(self.dataset)

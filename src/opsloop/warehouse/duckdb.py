@@ -97,6 +97,11 @@ class DuckDBAdapter(DuckDBFile):
         clone._session = self._session
         return clone
 
+    def stages_in_memory(self) -> bool:
+        """Inside a :meth:`session` every operation uses its one connection, so a load's staging
+        table can be a temporary table of that connection (:func:`~opsloop.warehouse.write.staging_ref`)."""
+        return self._session.con is not None
+
     def param(self, name: str) -> str:
         return self._sql.param(name)
 
@@ -192,11 +197,13 @@ class DuckDBAdapter(DuckDBFile):
         batches = data.to_batches() if isinstance(data, pa.Table) else data
         raised: list[BaseException] = []
         reader = pa.RecordBatchReader.from_batches(schema, pulled(batches, raised))
-        self.ensure_dataset(ref.dataset)
+        if not ref.temp:
+            self.ensure_dataset(ref.dataset)
+        create = "CREATE OR REPLACE TEMP TABLE" if ref.temp else "CREATE OR REPLACE TABLE"
         try:
             with self.connect() as con, self._one_thread(con):
                 con.register("_opsloop_src", reader)
-                con.execute(f"CREATE OR REPLACE TABLE {self._sql.table(ref)} AS SELECT * FROM _opsloop_src")
+                con.execute(f"{create} {self._sql.table(ref)} AS SELECT * FROM _opsloop_src")
                 con.unregister("_opsloop_src")
                 (rows,) = con.execute(f"SELECT count(*) FROM {self._sql.table(ref)}").fetchone() or (0,)
         except Exception as exc:

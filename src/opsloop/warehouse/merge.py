@@ -51,6 +51,8 @@ class Dialect:
         if self.is_bigquery:
             prefix = f"{self.project}." if self.project else ""
             return f"`{prefix}{ds}.{ref.table}`"
+        if ref.temp:  # the connection's temporary catalog has one schema: the dataset goes into the name
+            return f'temp.main."{ds}__{ref.table}"'
         return f'{self.catalog_prefix()}"{ds}"."{ref.table}"'
 
     def catalog_prefix(self) -> str:

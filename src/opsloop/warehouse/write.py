@@ -23,9 +23,15 @@ class WriteResult:
     jobs: list[JobStats] = field(default_factory=list)
 
 
-def staging_ref(target: TableRef) -> TableRef:
-    """One staging table per target, replaced on every load (a crashed run's leftovers are overwritten)."""
-    return TableRef(target.dataset, f"_stg_{target.table}")
+def staging_ref(target: TableRef, wh: object | None = None) -> TableRef:
+    """One staging table per target, replaced on every load (a crashed run's leftovers are overwritten).
+
+    On a warehouse that runs the whole load on one connection (DuckDB inside a session:
+    ``wh.stages_in_memory()``) it is a temporary table of that connection: written to no WAL and no
+    checkpoint, gone with the connection — a 100k-row CDC batch's MERGE took 0.35–0.39 s with the
+    staging table in the file and 0.18–0.24 s with it in memory (session 9)."""
+    temp = bool(getattr(wh, "stages_in_memory", lambda: False)())
+    return TableRef(target.dataset, f"_stg_{target.table}", temp=temp)
 
 
 def _checked(batches: Iterable[pa.RecordBatch], keys: tuple[str, ...], target: TableRef) -> Iterator[pa.RecordBatch]:
@@ -67,7 +73,7 @@ def write_merge(
     """
     result = WriteResult(str(target))
     wh.ensure_table(target, table_schema)
-    stg = staging or staging_ref(target)  # writers running concurrently into one target stage apart
+    stg = staging or staging_ref(target, wh)  # writers running concurrently into one target stage apart
     load = wh.load_staging(stg, _checked(batches, spec.keys, target), arrow_schema, job_key=f"{job_key}_load")
     result.jobs.append(load)
     result.rows_staged = load.rows
