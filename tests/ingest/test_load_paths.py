@@ -16,7 +16,7 @@ from psycopg import sql
 
 from opsloop.errors import TerminalError, TransientError
 from opsloop.sources import pgtuples
-from opsloop.sources.pgcopy import copy_to_arrow
+from opsloop.sources.pgcopy import FIRST_BLOCK_BYTES, copy_to_arrow
 from opsloop.sources.postgres import connect
 from opsloop.transform.dedup import has_duplicates, latest_per_key
 from opsloop.transform.pyvalues import from_numpy
@@ -44,6 +44,20 @@ def test_copy_blocks_hold_whole_rows(pg_dsn: str) -> None:
     assert table.column("id").to_pylist() == list(range(len(values)))
     assert table.column("v").to_pylist() == values
     assert not _readers_alive()
+
+
+def test_first_block_is_small_then_blocks_double(pg_dsn: str) -> None:
+    """The consumer starts on a small first block instead of waiting for a full one; the blocks
+    then double up to ``chunk_bytes``, and every row arrives once, in order."""
+    with connect(pg_dsn) as conn:
+        query = sql.SQL("SELECT g, repeat('x', 90) FROM generate_series(1, 200000) g")
+        schema = pa.schema([("g", pa.int64()), ("x", pa.string())])
+        batches = list(copy_to_arrow(conn, query, schema, chunk_rows=10**9, chunk_bytes=4 << 20))
+    # the CSV bytes of each block: "<g>,<90 x>\n" per row
+    sizes = [sum(len(str(g)) + 92 for g in b.column("g").to_pylist()) for b in batches]
+    assert FIRST_BLOCK_BYTES <= sizes[0] < FIRST_BLOCK_BYTES + 100, sizes[:3]
+    assert sizes[1] >= 2 * FIRST_BLOCK_BYTES and max(sizes) < (4 << 20) + 100, sizes
+    assert pa.Table.from_batches(batches).column("g").to_pylist() == list(range(1, 200_001))
 
 
 def test_consumer_stopping_early_leaves_the_connection_usable(pg_dsn: str) -> None:

@@ -201,6 +201,9 @@ def copy_to_arrow(
         _raise_copy_error(pgconn, what, errors)
 
 
+FIRST_BLOCK_BYTES = 256 << 10
+
+
 class _RowReader:
     """Reads the rows of a COPY on a thread into blocks of whole rows (≤ ``rows`` rows or about
     ``nbytes`` bytes); at most one block waits for the consumer (bounded memory). A row is copied into
@@ -250,7 +253,10 @@ class _RowReader:
 
     def _read(self) -> None:
         """The per-row loop: each operation in it costs ~0.1 s per 1M rows, so it does the least."""
-        pgconn, limit_rows, limit_bytes, stop = self.pgconn, self.rows, self.nbytes, self._stop
+        pgconn, limit_rows, stop = self.pgconn, self.rows, self._stop
+        # the first block small, so the consumer starts while Postgres is still warming up; then
+        # doubling up to ``nbytes`` (bigger blocks parse cheaper per row)
+        limit_bytes = min(FIRST_BLOCK_BYTES, self.nbytes)
         get, poll = pgconn.get_copy_data, select.poll()
         poll.register(pgconn.socket, select.POLLIN)
         block, rows = bytearray(), 0
@@ -263,6 +269,7 @@ class _RowReader:
                     if not self._put(block):
                         return
                     block, rows = bytearray(), 0
+                    limit_bytes = min(limit_bytes * 2, self.nbytes)
             elif nbytes == 0:  # no whole row buffered: wait for the socket (GIL released), read it
                 if stop.is_set():
                     return
