@@ -162,9 +162,9 @@ def insert_direct(
                 job = wh.insert_batches(side, pieces.segment(), arrow_schema, spec.columns, skip_flag=spec.delete_flag)
             result.jobs.append(job)
             result.rows_staged += job.rows
-            wh.release_cache()  # the piece is on disk; its cached blocks would pile up piece after piece
             if pieces.exhausted:
                 break
+            wh.release_cache()  # the piece is on disk; its cached blocks would pile up piece after piece
         result.inserted = result.rows_staged
         faults.checkpoint("after_stage_load")
         with wh.transaction():
