@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -239,6 +240,7 @@ def run(n: int, sample: int, repeats: int, delay_ms: int) -> str:
             )
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # ~200 MB of sandbox and warehouse files per run
     return md + _footer(n)
 
 

@@ -127,6 +127,34 @@ def test_crash_after_merge_before_slot_advance_then_rerun_equals_clean_run(pg_ds
     assert after and lsn_to_int(after["confirmed"]) >= lsn_to_int(committed["cursor"])
 
 
+def test_slot_advance_follows_the_commit_and_finishes_when_the_settle_fails(pg_dsn, wh, slots) -> None:
+    """The slot advance runs beside the sink's settle (DuckDB's checkpoint): it starts only after the
+    warehouse committed the batch, and it is waited for even when the settle fails."""
+    seed_items(pg_dsn)
+    spec = make_spec("cdc")
+    slots.append(spec.cdc.slot_name)
+    run_ingest(wh, spec, pg_dsn, "r1")
+    exec_sql(pg_dsn, *CHANGES)
+    before = lsn_to_int(wh.get_state("t", "pg.items")["cursor"])
+    seen: list[int] = []
+
+    class FailingSettle(StreamLoader):
+        def settle(self) -> None:
+            seen.append(lsn_to_int(self.state("items")["cursor"]))  # the batch is committed already
+            raise OSError("disk full during checkpoint")
+
+    src = spec.source("pg")
+    loader = FailingSettle(wh, spec, src, "r2", SALT)
+    with pytest.raises(OSError, match="disk full"):
+        PostgresCdc(PostgresSource(pg_dsn, spec, src), loader).run()
+    committed = lsn_to_int(wh.get_state("t", "pg.items")["cursor"])
+    assert seen == [committed] and committed > before
+    assert lsn_to_int(slot_info(pg_dsn, spec.cdc.slot_name)["confirmed"]) == committed  # the advance finished
+    assert target_rows(wh) == source_rows(pg_dsn)
+    rerun = run_ingest(wh, spec, pg_dsn, "r3")
+    assert (rerun["inserted"], rerun["updated"], rerun["deleted"]) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("point", ["after_extract", "after_stage_load", "after_merge_before_state"])
 def test_slot_never_advances_past_an_uncommitted_load(pg_dsn, wh, slots, monkeypatch, point) -> None:
     seed_items(pg_dsn)

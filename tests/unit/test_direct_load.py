@@ -101,3 +101,20 @@ def test_release_cache_evicts_the_cached_blocks_and_keeps_the_limit(tmp_path: Pa
         after, limit_after = cached()
     assert after < before / 4
     assert limit_after == limit_before  # the block's limit (or DuckDB's default) is back
+
+
+def test_checkpoint_writes_the_session_wal_into_the_file_and_waits_outside_a_session(tmp_path: Path) -> None:
+    adapter = DuckDBAdapter(tmp_path / "k.duckdb")
+    adapter.ensure_dataset("raw")
+    wal = tmp_path / "k.duckdb.wal"
+    adapter.checkpoint()  # outside a session: nothing to do, no error
+    with adapter.session():
+        adapter.execute("CREATE TABLE raw.t AS SELECT range AS id FROM range(1000)")
+        assert wal.exists() and wal.stat().st_size > 0  # committed, in the WAL only
+        with adapter.transaction():
+            adapter.execute("INSERT INTO raw.t VALUES (1000)")
+            adapter.checkpoint()  # inside a transaction: waits for its end
+            assert wal.stat().st_size > 0
+        adapter.checkpoint()
+        assert not wal.exists() or wal.stat().st_size == 0  # now in the database file
+        assert adapter.query("SELECT count(*) AS n FROM raw.t").to_pylist() == [{"n": 1001}]

@@ -131,6 +131,11 @@ class StreamLoader:
     def note(self, stream: str, text: str) -> None:
         self.run_for(stream).flags.append(text)
 
+    def settle(self) -> None:
+        checkpoint = getattr(self.wh, "checkpoint", None)
+        if checkpoint is not None:
+            checkpoint()
+
     def run_for(self, stream: str, target: str = "", kind: str = "incremental") -> StreamRun:
         run = self.runs.get(stream)
         if run is None:

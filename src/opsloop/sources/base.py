@@ -99,6 +99,11 @@ class Sink(Protocol):
         """A line for the run report (slot lag warning, skipped deletes …)."""
         ...
 
+    def settle(self) -> None:
+        """Housekeeping of what is already committed (DuckDB: its checkpoint), for a source to call
+        while it waits on its own server; never needed for correctness."""
+        ...
+
 
 def parse_extra(state: dict[str, Any] | None) -> dict[str, Any]:
     if not state or not state.get("extra"):

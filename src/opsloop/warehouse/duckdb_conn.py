@@ -124,6 +124,19 @@ class DuckDBFile:
         con.execute("SET enable_progress_bar = false")  # no bar on a worker's stderr
         return con
 
+    def checkpoint(self) -> None:
+        """Inside a session, between transactions: write what is committed into the file now (DuckDB
+        does it when the WAL passes ``checkpoint_threshold``, or when the connection closes). A
+        source calls it while it waits on its own server (:meth:`StreamLoader.settle`), so the
+        checkpoint overlaps that wait instead of coming after it. Elsewhere: nothing."""
+        s = self._session
+        if s.con is None or s.in_tx:
+            return
+        try:
+            s.con.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            raise translate(exc, self.path) from exc
+
     def release_cache(self) -> None:
         """Drop the table blocks DuckDB's buffer pool keeps after the statements that read or wrote
         them (it frees them only at ``memory_limit``, or when the file's last connection closes): a
