@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "--memory-limit", args.memory_limit], cluster)  # fmt: skip
             print(f"initial opsloop/cdc at {args.big}: {big}", flush=True)
             load.append(os.getloadavg()[0])
-        body = report(args, results, changed, source_rows, big, fill_s, load)
+        body = report(args, results, changed, source_rows, big, fill_s, load, runs)
         print(body)
         command = f"python -m benchmarks.ingest --rows {args.rows} --change {args.change} --big {args.big}"
         command += f" --rounds {args.rounds}" + (f" --only {args.only}" if args.only else "")
@@ -283,6 +283,27 @@ def _cmp(ops: dict[str, Any], dlts: list[dict[str, Any]], phase: str) -> str:
     )
 
 
+def _per_round(runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """Each round's own ratio (that round's fastest dlt ÷ that round's opsloop): the contenders of a
+    round ran back to back, so these show how far the best-of ratios above move with the machine."""
+    dlts = [r for k, r in runs.items() if k[0] == "dlt"]
+    out = []
+    for mode in ("cdc", "watermark"):
+        ops = runs.get(("opsloop", mode))
+        if ops is None:
+            continue
+        parts = []
+        for phase in ("initial", "incremental"):
+            ratios = [
+                min(d[phase][j]["seconds"] for d in dlts) / run["seconds"]
+                for j, run in enumerate(ops[phase])
+                if all(j < len(d[phase]) for d in dlts)
+            ]
+            parts.append(f"{phase} " + ", ".join(f"{x:.1f}" for x in ratios) + "×")
+        out.append(f"- Round by round, `{mode}` (that round's fastest dlt ÷ that round's opsloop): {'; '.join(parts)}.")
+    return out
+
+
 def _cpu(m: dict[str, Any]) -> float:
     """Client CPU + the Postgres CPU the load caused."""
     return float(m["cpu_seconds"]) + float(m.get("pg_cpu_seconds") or 0.0)
@@ -296,6 +317,7 @@ def report(
     big: dict[str, Any] | None,
     fill_s: float,
     load: list[float],
+    runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> str:
     c = changed
     rounds = f"best wall of {args.rounds} rounds per contender, with that run's CPU" if args.rounds > 1 else "one round"
@@ -334,6 +356,8 @@ def report(
                 ops = results[("opsloop", mode)]
                 lines.append(f"- opsloop `{mode}` vs the best dlt backend: {_cmp(ops, dlts, 'initial')}; "
                              f"{_cmp(ops, dlts, 'incremental')}.")  # fmt: skip
+        if runs and args.rounds > 1:
+            lines += _per_round(runs)
         lines.append("- dlt's cursor cannot see hard deletes, hence its extra rows after the change.")
     if big and ("opsloop", "cdc") in results:
         init = results[("opsloop", "cdc")]["initial"]
