@@ -133,7 +133,8 @@ class DuckDBFile:
         if s.con is None or s.in_tx:
             return
         try:
-            s.con.execute("CHECKPOINT")
+            with contextlib.suppress(duckdb.TransactionException):  # another transaction in the way: a later
+                s.con.execute("CHECKPOINT")  # checkpoint (at the latest when the session closes) writes it
         except duckdb.Error as exc:
             raise translate(exc, self.path) from exc
 
