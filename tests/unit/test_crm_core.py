@@ -21,6 +21,53 @@ from sandbox import soql
 from sandbox.util import hs_time, parse_sf_datetime, parse_ts, sf_id, sf_time
 
 
+def test_encode_batch_gives_the_canonical_text_and_hash_of_each_payload() -> None:
+    """The column-at-a-time encoder (floats through Arrow's cast) writes, row for row, what
+    ``json.dumps`` of the payload dict writes, and hashes it the same — floats of every magnitude
+    (repr() switches to an exponent at 1e16, Arrow at 1e10), -0.0, NaN, ±inf and nulls included."""
+    import random
+    import struct
+
+    import duckdb
+
+    from opsloop.crm.base import FieldSpec
+    from opsloop.crm.payload import duckdb_hasher, encode_batch, payload_json
+
+    rnd = random.Random(5)
+    scores: list[float | None] = [None, float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-4, 9.99e-05, 1e10]
+    scores += [9999999999.999998, 1e16, 5e-324, 1.7976931348623157e308, 100.0, 0.1, -3.0]
+    scores += [rnd.random() * 10.0 ** rnd.randint(-12, 20) * rnd.choice((1, -1)) for _ in range(3000)]
+    scores += [round(rnd.random(), rnd.randint(0, 8)) for _ in range(3000)]
+    scores += [struct.unpack("<d", struct.pack("<Q", rnd.getrandbits(64)))[0] for _ in range(3000)]
+    n = len(scores)
+    at = datetime(2026, 11, 28, 3, 4, 5, 123456, tzinfo=UTC)
+    table = pa.table(
+        {
+            "score": pa.array(scores, pa.float64()),
+            "score32": pa.array([s if s is None or abs(s) < 1e30 else None for s in scores], pa.float32()),
+            "action": pa.array([rnd.choice(["call", 'say "hi"', "é", None]) for _ in range(n)]),
+            "flag": pa.array([rnd.choice([True, False, None]) for _ in range(n)]),
+            "count": pa.array([rnd.choice([None, 0, -7, 2**40]) for _ in range(n)], pa.int64()),
+            "scored_at": pa.array([at] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    fields = [
+        FieldSpec("score", "ai_score", "number"),
+        FieldSpec("score32", "ai_score32", "number"),
+        FieldSpec("action", "ai_action", "enumeration"),
+        FieldSpec("flag", "ai_flag", "bool"),
+        FieldSpec("count", "ai_count", "number"),
+        FieldSpec("scored_at", "ai_scored_at", "datetime"),
+    ]
+    texts, hashes, _ = encode_batch(table, fields, duckdb_hasher(duckdb.connect(), min_rows=1))
+    rows = table.to_pylist()
+    want = [
+        payload_json({f.crm_name: jsonable(r[f.column]) for f in fields}) for r in rows
+    ]  # json.dumps: NaN and inf are null once jsonable has seen them
+    assert texts.to_pylist() == want
+    assert hashes.to_pylist() == [payload_hash({}, text=t) for t in want]
+
+
 def test_payload_hash_is_order_independent_and_value_sensitive() -> None:
     a = payload_hash({"x": 0.5, "y": "call"})
     assert a == payload_hash({"y": "call", "x": 0.5}) and len(a) == 32

@@ -20,6 +20,7 @@ from decimal import Decimal
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps uses
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -64,7 +65,8 @@ def duckdb_hasher(con: Any, min_rows: int = 5000) -> Hasher:
         n = len(texts)
         if n < min_rows:
             return hash_texts(texts)
-        con.register("_opsloop_payload_texts", pa.table({"i": pa.array(range(n), pa.int64()), "t": texts}))
+        order = pa.array(np.arange(n, dtype=np.int64))
+        con.register("_opsloop_payload_texts", pa.table({"i": order, "t": texts}))
         try:
             out = con.sql("SELECT i, left(sha256(t), 32) AS h FROM _opsloop_payload_texts").to_arrow_table()
         finally:
@@ -73,7 +75,7 @@ def duckdb_hasher(con: Any, min_rows: int = 5000) -> Hasher:
             raise RuntimeError(f"DuckDB hashed {out.num_rows} of {n} payloads")
         digests = out.column("h").combine_chunks().cast(pa.string())
         pos = out.column("i").combine_chunks()
-        if not pc.all(pc.equal(pos, pa.array(range(n), pa.int64()))).as_py():  # row order not kept: restore it
+        if not pc.all(pc.equal(pos, order)).as_py():  # row order not kept: restore it
             digests = digests.take(pc.sort_indices(pos))
         return digests
 
@@ -87,8 +89,27 @@ def _by_distinct(col: pa.Array, fn: Callable[[Any], str | None]) -> pa.Array:
     return mapped.take(enc.indices)
 
 
-def _float_json(v: float | None) -> str:
-    return "null" if v is None or not math.isfinite(v) else repr(v)
+# |x| in [1e-4, 1e10) or 0: Arrow's float → string cast gives the shortest round-trip digits in the
+# positional form repr() uses, "100" for repr's "100.0" aside. Outside it the two differ ("1e-9" vs
+# "1e-09"; Arrow switches to an exponent from 1e10 on, repr from 1e16): repr() per value there.
+_ARROW_REPR_RANGE = (1e-4, 1e10)
+
+
+def _float_texts(col: pa.Array) -> pa.Array:
+    """The JSON text ``json.dumps`` writes for each value (repr(); null for null, NaN and ±inf), from
+    Arrow's cast for the usual magnitudes (scores, amounts) and repr() only for the others."""
+    text = col.cast(pa.string())
+    # in the usual range Arrow writes no exponent and no inf/nan: only repr's ".0" can be missing
+    text = pc.if_else(pc.match_substring(text, "."), text, pc.binary_join_element_wise(text, ".0", ""))
+    finite = pc.fill_null(pc.is_finite(col), False)
+    size = pc.abs(col)
+    low, high = _ARROW_REPR_RANGE
+    usual = pc.or_(pc.and_(pc.greater_equal(size, low), pc.less(size, high)), pc.equal(col, 0.0))
+    other = pc.and_(finite, pc.invert(pc.fill_null(usual, False)))
+    if pc.any(other).as_py():
+        rest = col.filter(other).to_pylist()
+        text = pc.replace_with_mask(text, other, pa.array([repr(v) for v in rest], pa.string()))
+    return pc.if_else(finite, text, pa.scalar("null"))
 
 
 def _generic_json(v: Any) -> str:
@@ -100,7 +121,7 @@ def encode_column(col: pa.Array) -> tuple[pa.Array, pa.Array]:
     t = col.type
     if pa.types.is_floating(t):
         clean = pc.if_else(pc.is_finite(col), col, pa.scalar(None, t))
-        return pa.array([_float_json(v) for v in col.to_pylist()], pa.string()), clean
+        return _float_texts(col.cast(pa.float64())), clean
     if pa.types.is_decimal(t):
         as_float = col.cast(pa.float64())
         return encode_column(as_float)
