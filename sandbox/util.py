@@ -82,7 +82,6 @@ def sf_time(ms: int) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-@functools.lru_cache(maxsize=8192)
 def hs_time(ms: int) -> str:
     """HubSpot's format: ``2026-01-02T03:04:05.123Z``."""
     return ms_dt(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
