@@ -115,3 +115,72 @@ def test_builder_refuses_unsafe_identifiers(bad: str) -> None:
 def test_unsafe_partition_bound_rejected() -> None:
     with pytest.raises(ValueError, match="unsafe"):
         merge_sql(Dialect("bigquery"), SPEC, staging=STG, partition_bounds=("2026' OR 1=1 --", "x"))
+
+
+@pytest.mark.parametrize("payload", ["amount", "rowid"])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_duckdb_merge_plan_ends_where_the_merge_statement_ends(payload: str, ordered: bool) -> None:
+    """DuckDB runs :func:`merge_plan` (a work table of staging row ids, DELETE, INSERT by row id; a
+    column named ``rowid`` hides the pseudo-column, so the work table then carries whole rows). Both
+    forms must leave the target exactly as the one MERGE statement does: in-batch duplicates (latest
+    wins), older and equal versions ignored, deletes, new keys, unchanged rows untouched."""
+    import duckdb
+
+    from opsloop.warehouse.merge import merge_plan
+
+    spec = MergeSpec(
+        TableRef("d", "t"),
+        ("id", payload, "v") if ordered else ("id", payload),
+        ("id",),
+        ("v",) if ordered else (),
+        tiebreak="seq" if ordered else None,
+        delete_flag="del" if ordered else None,
+    )
+    cols = f'id BIGINT, "{payload}" VARCHAR' + (", v BIGINT" if ordered else "")
+    target = [(i, f"old{i}", 10) for i in range(1, 9)]
+    staged = [  # id, payload, v, seq, del
+        (1, "newer", 11, 1, False),  # update
+        (2, "older", 9, 2, False),  # older: ignored
+        (3, "same-v", 10, 3, False),  # equal version: ignored (ordered) / changed value (unordered)
+        (4, None, 12, 4, True),  # delete
+        (5, "first", 11, 5, False),  # duplicates: the later seq wins
+        (5, "second", 11, 6, False),
+        (6, "old6", 10, 7, False),  # no change at all
+        (20, "new", 1, 8, False),  # insert
+        (21, None, 1, 9, True),  # delete of a key the target never had
+        (22, "a", 1, 10, False),
+        (22, "b", 2, 11, False),  # duplicate insert: the newer version
+    ]
+    if not ordered:
+        staged = [r for r in staged if not r[4] and r[0] not in (5, 22)]
+    ends = []
+    for form in ("statement", "plan"):
+        con = duckdb.connect()
+        con.execute("CREATE SCHEMA d")
+        con.execute(f"CREATE TABLE d.t ({cols})")
+        con.execute(f"CREATE TABLE d.s ({cols}, seq BIGINT, del BOOLEAN)")
+        width = 3 if ordered else 2
+        con.executemany(f"INSERT INTO d.t VALUES ({', '.join('?' * width)})", [r[:width] for r in target])
+        names = ", ".join(["id", f'"{payload}"', "v"][:width])
+        fill = f"INSERT INTO d.s ({names}, seq, del) VALUES ({', '.join('?' * (width + 2))})"
+        con.executemany(fill, [(*r[:width], *r[3:]) for r in staged])
+        if form == "statement":
+            con.execute(merge_sql(Dialect("duckdb"), spec, staging=TableRef("d", "s")))
+            counts = None
+        else:
+            plan = merge_plan(Dialect("duckdb"), spec, TableRef("d", "s"))
+            assert ("_opsloop_row" in plan.statements[0]) == (payload != "rowid")
+            for stmt in plan.statements:
+                con.execute(stmt)
+            counts = con.execute(plan.counts or "").fetchone()
+        ends.append((con.execute("SELECT * FROM d.t ORDER BY id").fetchall(), counts))
+    (want, _), (got, counts) = ends
+    assert got == want
+    ids = {r[0]: r[1] for r in got}
+    if ordered:
+        assert ids[1] == "newer" and ids[2] == "old2" and ids[3] == "old3" and 4 not in ids
+        assert ids[5] == "second" and ids[22] == "b" and 21 not in ids
+        assert counts == (2, 2, 1)  # inserted 20, 22; updated 1, 5; deleted 4
+    else:
+        assert ids[3] == "same-v" and ids[6] == "old6" and ids[20] == "new"
+        assert counts == (1, 3, 0)  # inserted 20; updated 1, 2, 3 (values differ); 6 is equal: untouched
