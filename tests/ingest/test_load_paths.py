@@ -39,7 +39,11 @@ def test_copy_blocks_hold_whole_rows(pg_dsn: str) -> None:
         schema = pa.schema([("id", pa.int64()), ("v", pa.string())])
         query = sql.SQL("SELECT id, v FROM t ORDER BY id")
         batches = list(copy_to_arrow(conn, query, schema, chunk_rows=3, chunk_bytes=64))
+        # one block holds every row here: the batches are cut to chunk_rows all the same
+        one_block = list(copy_to_arrow(conn, query, schema, chunk_rows=3, chunk_bytes=4 << 20))
     assert len(batches) >= 3 and all(b.num_rows <= 3 for b in batches)
+    assert [b.num_rows for b in one_block] == [3, 3, 2]
+    assert pa.Table.from_batches(one_block).equals(pa.Table.from_batches(batches))
     table = pa.Table.from_batches(batches)
     assert table.column("id").to_pylist() == list(range(len(values)))
     assert table.column("v").to_pylist() == values

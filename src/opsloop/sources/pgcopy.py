@@ -190,10 +190,10 @@ def copy_to_arrow(
     if res.status != pq.ExecStatus.COPY_OUT:
         _raise_pg(pgconn, what)
     read, parse, convert = _csv_options(schema)
-    reader = _RowReader(pgconn, chunk_rows, chunk_bytes, what)
+    reader = _RowReader(pgconn, chunk_bytes, what)
     try:
         for block in reader.blocks():
-            yield from _parse(block, read, parse, convert, schema)
+            yield from _parse(block, read, parse, convert, schema, chunk_rows)
     finally:
         reader.close()
         errors = _finish(pgconn, early=not reader.finished)
@@ -205,15 +205,15 @@ FIRST_BLOCK_BYTES = 256 << 10
 
 
 class _RowReader:
-    """Reads the rows of a COPY on a thread into blocks of whole rows (≤ ``rows`` rows or about
-    ``nbytes`` bytes); at most one block waits for the consumer (bounded memory). A row is copied into
+    """Reads the rows of a COPY on a thread into blocks of whole rows (about ``nbytes`` bytes); at
+    most one block waits for the consumer (bounded memory). A row is copied into
     its block at once: a held libpq buffer per row would cost ~500 bytes.
 
     libpq is polled without blocking (``get_copy_data(1)``) and the socket waited on with ``poll``,
     which releases the GIL — a blocking ``get_copy_data(0)`` holds it while it waits for Postgres."""
 
-    def __init__(self, pgconn: pq.abc.PGconn, rows: int, nbytes: int, what: str) -> None:
-        self.pgconn, self.rows, self.nbytes, self.what = pgconn, rows, nbytes, what
+    def __init__(self, pgconn: pq.abc.PGconn, nbytes: int, what: str) -> None:
+        self.pgconn, self.nbytes, self.what = pgconn, nbytes, what
         self.finished = False  # the end of the COPY was read
         self._queue: queue.Queue[bytearray | BaseException | None] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -253,22 +253,22 @@ class _RowReader:
 
     def _read(self) -> None:
         """The per-row loop: each operation in it costs ~0.1 s per 1M rows, so it does the least."""
-        pgconn, limit_rows, stop = self.pgconn, self.rows, self._stop
+        pgconn, stop = self.pgconn, self._stop
         # the first block small, so the consumer starts while Postgres is still warming up; then
-        # doubling up to ``nbytes`` (bigger blocks parse cheaper per row)
+        # doubling up to ``nbytes`` (bigger blocks parse cheaper per row). Rows are not counted here
+        # (the parser cuts a block into batches of ``rows``): one operation less per row
         limit_bytes = min(FIRST_BLOCK_BYTES, self.nbytes)
         get, poll = pgconn.get_copy_data, select.poll()
         poll.register(pgconn.socket, select.POLLIN)
-        block, rows = bytearray(), 0
+        block = bytearray()
         while True:
             nbytes, data = get(1)
             if nbytes > 0:
                 block += data
-                rows += 1
-                if rows >= limit_rows or len(block) >= limit_bytes:
+                if len(block) >= limit_bytes:
                     if not self._put(block):
                         return
-                    block, rows = bytearray(), 0
+                    block = bytearray()
                     limit_bytes = min(limit_bytes * 2, self.nbytes)
             elif nbytes == 0:  # no whole row buffered: wait for the socket (GIL released), read it
                 if stop.is_set():
@@ -283,7 +283,7 @@ class _RowReader:
                     _raise_pg(pgconn, self.what)
                 self.finished = True
                 break
-        if rows:
+        if block:
             self._put(block)
 
 
@@ -359,12 +359,13 @@ def _parse(
     parse: pcsv.ParseOptions,
     convert: pcsv.ConvertOptions,
     schema: pa.Schema,
+    chunk_rows: int,
 ) -> Iterator[pa.RecordBatch]:
     try:
         table = pcsv.read_csv(pa.py_buffer(block), read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise TerminalError(f"Postgres COPY data did not convert to {schema}: {str(exc)[:300]}") from exc
-    yield from table.combine_chunks().to_batches()
+    yield from table.combine_chunks().to_batches(max_chunksize=chunk_rows)
 
 
 def text_to_arrow(values: Sequence[str | None] | pa.Array, column: PgColumn | tuple[str, int]) -> pa.Array:
