@@ -214,12 +214,16 @@ def model_kpis(wh: Warehouse, spec: PipelineSpec, run_ids: Sequence[str]) -> lis
         out.append(missing("model.score_mean", f"predictions table {pred} {why}", "score"))
     else:
         s = wh.quote(score_col)
+        # the mean of exact decimals: a float sum depends on the order the rows are read in (the last
+        # bits moved between a clean run and a rerun that wrote the same rows in another order)
+        exact = "NUMERIC" if wh.dialect == "bigquery" else "DECIMAL(38, 9)"
         row = wh.query(
-            f"SELECT COUNT({s}) AS n, AVG({s}) AS mean, MIN({s}) AS lo, MAX({s}) AS hi FROM {wh.quote(pred)}"
+            f"SELECT COUNT({s}) AS n, AVG(CAST({s} AS {exact})) AS mean, MIN({s}) AS lo, MAX({s}) AS hi "
+            f"FROM {wh.quote(pred)}"
         ).to_pylist()[0]
         out += [
             Kpi("model.scored_entities", float(row["n"] or 0), "rows"),
-            Kpi("model.score_mean", row["mean"], "score"),
+            Kpi("model.score_mean", None if row["mean"] is None else float(row["mean"]), "score"),
             Kpi("model.score_min", row["lo"], "score"),
             Kpi("model.score_max", row["hi"], "score"),
         ]

@@ -128,6 +128,23 @@ def test_builtin_kpis_from_real_tables(tmp_path: Path, spec: PipelineSpec) -> No
     assert change.value == 1 and "customers: +['phone:STRING']" in change.detail
 
 
+def test_model_kpis_do_not_depend_on_the_order_rows_were_written_in(tmp_path: Path, spec: PipelineSpec) -> None:
+    """A rerun that writes the same predictions in another order must report the same KPIs, to the
+    last bit: a float sum of 0.1, 0.2, 0.3 is 0.6000000000000001 one way and 0.6 the other."""
+    from opsloop.kpi_sources import model_kpis
+
+    scores = [0.1, 0.2, 0.3] * 7 + [0.7, 1e-9, 0.123456789]
+    values = []
+    for i, order in enumerate((scores, scores[::-1])):
+        wh = DuckDBAdapter(tmp_path / f"w{i}.duckdb")
+        ids = [f"C{n}" for n in range(len(order))]
+        wh.append(TableRef("ops_ai", "predictions"), pa.table({"customer_id": ids, "predicted_churn_risk": order}))
+        values.append({k.kpi: k.value for k in model_kpis(wh, spec, []) if k.kpi.startswith("model.score")})
+    assert sum(scores) != sum(scores[::-1])  # the float sums do differ by order
+    assert values[0] == values[1]
+    assert values[0]["model.score_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-9)
+
+
 def test_nothing_written_yet_is_reported_not_raised(tmp_path: Path, spec: PipelineSpec) -> None:
     wh = DuckDBAdapter(tmp_path / "empty.duckdb")
     ev = kpis.evaluate_run(wh, spec, kpis.RunFacts(spec.name, "no-such-run", now=NOW))
