@@ -256,7 +256,7 @@ class _RowReader:
         pgconn, stop = self.pgconn, self._stop
         # the first block small, so the consumer starts while Postgres is still warming up; then
         # doubling up to ``nbytes`` (bigger blocks parse cheaper per row). Rows are not counted here
-        # (the parser cuts a block into batches of ``rows``): one operation less per row
+        # (``_parse`` cuts a block into batches of ``chunk_rows``): one operation less per row
         limit_bytes = min(FIRST_BLOCK_BYTES, self.nbytes)
         get, poll = pgconn.get_copy_data, select.poll()
         poll.register(pgconn.socket, select.POLLIN)
