@@ -14,6 +14,7 @@ from typing import Any
 
 from opsloop.spec import PipelineSpec
 from opsloop.warehouse.base import TableRef, TableSchema, Warehouse
+from opsloop.warehouse.merge import Dialect
 
 
 @dataclass
@@ -216,7 +217,7 @@ def model_kpis(wh: Warehouse, spec: PipelineSpec, run_ids: Sequence[str]) -> lis
         s = wh.quote(score_col)
         # the mean of exact decimals: a float sum depends on the order the rows are read in (the last
         # bits moved between a clean run and a rerun that wrote the same rows in another order)
-        exact = "NUMERIC" if wh.dialect == "bigquery" else "DECIMAL(38, 9)"
+        exact = Dialect(wh.dialect).type_name("NUMERIC")
         row = wh.query(
             f"SELECT COUNT({s}) AS n, AVG(CAST({s} AS {exact})) AS mean, MIN({s}) AS lo, MAX({s}) AS hi "
             f"FROM {wh.quote(pred)}"
