@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from typing import Any, Protocol
 
-from opsloop.heap import freeze_startup_objects
+from opsloop.heap import arrow_pool_that_returns_memory, freeze_startup_objects
 from opsloop.ingest.loader import StreamLoader, resolve_target
 from opsloop.ingest.runlog import StreamRun, cliff_flag, previous_counts, record_runs
 from opsloop.ingest.writer import session
@@ -48,6 +48,7 @@ def ingest_source(
     """Extract → gate → PII → stage → MERGE + state for every stream of ``source``; returns a summary."""
     started = time.perf_counter()
     freeze_startup_objects()  # the libraries and the spec: out of the collector's way, at exit too
+    arrow_pool_that_returns_memory()
     with session(wh):  # one warehouse connection for the source's loads and bookkeeping (DuckDB)
         loader = StreamLoader(wh, spec, source, run_id, salt, now, segment_rows=segment_rows)
         report = _report_dict(reader.run(loader, full_refresh=full_refresh, since=since))
