@@ -145,7 +145,9 @@ def test_population_reader_hands_over_every_row_in_order(tmp_path: Path, overlap
 
 def test_every_row_scored_once_with_the_models_score(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _small_chunks(setup["spec"], monkeypatch)
+    pa.set_memory_pool(pa.system_memory_pool())  # as a process that has not started a stage yet
     res = _run(setup, spec, "b1", datetime.now(UTC))
+    assert pa.default_memory_pool().backend_name == "jemalloc"  # the stage moved Arrow to the pool that returns memory
     assert res.rows == res.inserted == N and res.updated == 0
     p = _preds(setup["wh"])
     assert len(p) == p["customer_id"].nunique() == N

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opsloop import faults
+from opsloop.heap import arrow_pool_that_returns_memory
 from opsloop.ingest.writer import TransactionalWarehouse
 from opsloop.ml.drift import ChunkCounts, DriftCounter
 from opsloop.ml.features import check_columns, read_feature_batches, stable_bucket, to_frame
@@ -176,6 +177,7 @@ def score_partition(
     Once every row is scored and staged, one transaction (DuckDB) MERGEs the staging table into the
     predictions table and writes the history and the review queue from it."""
     assert spec.model is not None
+    arrow_pool_that_returns_memory()
     fs, sc = spec.model.features, spec.scoring
     key = fs.entity_key
     extra = extra_columns(spec)
