@@ -41,7 +41,7 @@ def freeze_startup_objects() -> bool:
 
 
 def arrow_pool_that_returns_memory() -> str:
-    """Arrow's default pool becomes jemalloc where the pyarrow build has it (Linux and macOS wheels);
+    """Arrow's default pool becomes jemalloc where the pyarrow build has it (the Linux wheels do);
     elsewhere the default stays. Buffers allocated before keep their pool. Returns the backend now in use."""
     if pa.default_memory_pool().backend_name != "jemalloc":
         with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its default
