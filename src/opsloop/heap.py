@@ -14,16 +14,37 @@ the pages of every CSV block and batch a load had parsed: an initial load of 1M 
 peaked at 291–317 MB with it and 259–272 MB with jemalloc, at the same speed (session 12). Scoring
 1M rows end to end: 650–654 MB with mimalloc, 623–636 MB with jemalloc, 6.2–6.3 s either way. The
 ingest and scoring stages call it where they start.
+
+:func:`duckdb_release_unused` does for DuckDB what ``release_unused`` does for an Arrow pool. DuckDB's
+Linux wheels bundle their own jemalloc, which keeps the pages a statement freed for about a second
+before it hands them back, and DuckDB flushes it only after tasks that ran longer than 100 ms. A
+MERGE of 100k CDC changes into 1M rows is a handful of short statements, each taking fresh pages
+while the previous one's sat idle: DuckDB's allocator held 55–66 MB resident with 4–34 MB allocated
+(session 13). Purging between the statements keeps resident close to allocated.
+
+:func:`arrow_pool_for_one_shot_batches` is the exception to jemalloc for Arrow. Arrow's bundled
+jemalloc keeps the pages it freed resident for seconds: ``release_unused`` does not return them in
+this build, and its decay cannot be changed once it runs. That is harmless for a stream of COPY
+blocks, whose pages it reuses block after block. It is not harmless for a CDC batch, decoded in one
+go, handed to DuckDB and freed: its ~20 MB would stay through the MERGE. The system allocator gives
+them back when they are freed. A 100k-change CDC load peaked at 220 MB with jemalloc and 200 MB with
+the system pool, at the same speed. An initial load of 1M rows is the other way round: 244–255 MB
+with jemalloc, 275–281 MB with the system pool (session 13).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
 _frozen = False
+# jemalloc's ``mallctl`` in DuckDB's extension module, once looked up; False where there is none
+_duckdb_mallctl: Callable[..., int] | bool | None = None
+_ALL_ARENAS_PURGE = b"arena.4096.purge"  # MALLCTL_ARENAS_ALL (4096 in jemalloc 5): every arena at once
 
 
 def freeze_startup_objects() -> bool:
@@ -47,3 +68,41 @@ def arrow_pool_that_returns_memory() -> str:
         with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its default
             pa.set_memory_pool(pa.jemalloc_memory_pool())
     return str(pa.default_memory_pool().backend_name)
+
+
+@contextlib.contextmanager
+def arrow_pool_for_one_shot_batches() -> Iterator[pa.MemoryPool]:
+    """Inside the block, new Arrow buffers come from the system allocator. The pool in use before is
+    restored when the block ends, and buffers keep the pool they came from."""
+    before = pa.default_memory_pool()
+    pool = pa.system_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield pool
+    finally:
+        pa.set_memory_pool(before)
+
+
+def duckdb_release_unused() -> bool:
+    """Hand the free pages DuckDB's bundled jemalloc keeps back to the system now (its documented
+    ``arena.<i>.purge`` control, for every arena). Returns False, doing nothing, where the DuckDB
+    build has no jemalloc of its own (macOS, Windows, Linux ARM wheels use the system allocator)."""
+    global _duckdb_mallctl
+    if _duckdb_mallctl is None:
+        _duckdb_mallctl = _find_duckdb_mallctl()
+    if _duckdb_mallctl is False:
+        return False
+    assert callable(_duckdb_mallctl)
+    return _duckdb_mallctl(_ALL_ARENAS_PURGE, None, None, None, 0) == 0
+
+
+def _find_duckdb_mallctl() -> Callable[..., int] | bool:
+    try:
+        import _duckdb  # the extension module the duckdb package loads: already in memory
+
+        fn = ctypes.CDLL(_duckdb.__file__).duckdb_je_mallctl
+    except (ImportError, OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn

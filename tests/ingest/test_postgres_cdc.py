@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
 import psycopg
+import pyarrow as pa
 import pytest
 
 from opsloop import faults
 from opsloop.devstack.postgres import PgCluster
 from opsloop.errors import ConfigError, InjectedFault, TerminalError
-from opsloop.ingest.loader import StreamLoader
+from opsloop.ingest.loader import LoadResult, StreamLoader
+from opsloop.sources.base import LoadRequest
 from opsloop.sources.pgcdc import PostgresCdc, flushed_end
 from opsloop.sources.pgoutput import lsn_to_int
 from opsloop.sources.postgres import PostgresSource
@@ -153,6 +156,40 @@ def test_slot_advance_follows_the_commit_and_finishes_when_the_settle_fails(pg_d
     assert target_rows(wh) == source_rows(pg_dsn)
     rerun = run_ingest(wh, spec, pg_dsn, "r3")
     assert (rerun["inserted"], rerun["updated"], rerun["deleted"]) == (0, 0, 0)
+
+
+def test_change_batches_are_decoded_with_the_system_pool(pg_dsn, wh, slots) -> None:
+    """A CDC batch is decoded in one go, loaded and freed: its Arrow buffers come from the system
+    allocator, which returns them when they are freed (opsloop.heap); the snapshot's stream of COPY
+    blocks keeps the stage's pool, and the pool in use before the run is restored after it."""
+    seed_items(pg_dsn)
+    spec = make_spec("cdc")
+    slots.append(spec.cdc.slot_name)
+    seen: list[tuple[str, str, str]] = []
+
+    class PoolSpy(StreamLoader):
+        def load(self, req: LoadRequest) -> LoadResult:
+            batches = list(req.batches)
+            seen.extend((req.kind, pa.default_memory_pool().backend_name, pool_of(b)) for b in batches)
+            return super().load(dataclasses.replace(req, batches=iter(batches)))
+
+    system = pa.system_memory_pool()
+    base = system.bytes_allocated()
+
+    def pool_of(batch: pa.RecordBatch) -> str:  # the batch is alive: the system pool holds its bytes
+        return "system" if system.bytes_allocated() - base >= batch.nbytes > 0 else "other"
+
+    src = spec.source("pg")
+    before = pa.default_memory_pool().backend_name
+    PostgresCdc(PostgresSource(pg_dsn, spec, src), PoolSpy(wh, spec, src, "r1", SALT)).run()
+    exec_sql(pg_dsn, *CHANGES)
+    PostgresCdc(PostgresSource(pg_dsn, spec, src), PoolSpy(wh, spec, src, "r2", SALT)).run()
+    assert pa.default_memory_pool().backend_name == before
+    kinds = {kind for kind, _, _ in seen}
+    assert kinds == {"snapshot", "incremental"}
+    assert all(pool != "system" for kind, pool, _ in seen if kind == "snapshot")
+    assert all((pool, held) == ("system", "system") for kind, pool, held in seen if kind == "incremental")
+    assert target_rows(wh) == source_rows(pg_dsn)
 
 
 @pytest.mark.parametrize("point", ["after_extract", "after_stage_load", "after_merge_before_state"])

@@ -36,6 +36,7 @@ from psycopg import pq, sql
 
 from opsloop import faults
 from opsloop.errors import ConfigError, TerminalError, TransientError
+from opsloop.heap import arrow_pool_for_one_shot_batches
 from opsloop.sources.base import DELETED_COL, LSN_COL, SEQ_COL, LoadRequest, Position, Sink, parse_extra
 from opsloop.sources.pgcdc_setup import ensure_publication
 from opsloop.sources.pgchanges import TableChanges
@@ -280,6 +281,12 @@ class PostgresCdc:
         return len(starts)
 
     def _stream(self, conn: psycopg.Connection, cursors: dict[str, int], gen: str) -> None:
+        # each batch is decoded in one go, loaded and freed: its pages go back when it is freed, not
+        # after jemalloc's decay, which would keep them through the MERGE (opsloop.heap)
+        with arrow_pool_for_one_shot_batches():
+            self._stream_batches(conn, cursors, gen)
+
+    def _stream_batches(self, conn: psycopg.Connection, cursors: dict[str, int], gen: str) -> None:
         upto = flushed_end(conn)
         if not gen:
             states = [parse_extra(self.sink.state(t.name)) for t, _, _ in self.tables.values()]

@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from opsloop import faults
+from opsloop.heap import duckdb_release_unused
 from opsloop.transform import pyvalues
 from opsloop.warehouse.base import (
     Column,
@@ -271,18 +272,22 @@ class DuckDBAdapter(DuckDBFile):
             physical, live = self._row_counts(con, spec.target)
             for stmt in plan.statements:
                 con.execute(stmt)
+                duckdb_release_unused()
             assert plan.counts is not None
             inserted, updated, deleted = con.execute(plan.counts).fetchone() or (0, 0, 0)
             for stmt in plan.cleanup:
                 con.execute(stmt)
+            duckdb_release_unused()
             faults.checkpoint("after_merge_before_state")
             if state is not None:
                 con.execute(state_merge_sql(self._sql, self.meta_dataset), state_params(state))
+                duckdb_release_unused()
             # an update is a delete + an insert: the old version stays in the file until a vacuum
             physical += inserted + updated
             dead = physical - (live + inserted - deleted)
             vacuum = dead > VACUUM_DEAD_SHARE * physical
             con.execute("RESET max_vacuum_tasks" if vacuum else "SET max_vacuum_tasks = 0")
+        duckdb_release_unused()
         if vacuum:  # now, while the row groups this MERGE changed are the dirty ones; skipped (a later
             # checkpoint vacuums) when another transaction of this process is open
             with self.connect() as con, contextlib.suppress(duckdb.TransactionException):

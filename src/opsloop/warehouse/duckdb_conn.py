@@ -14,6 +14,7 @@ from typing import Any, Self
 import duckdb
 
 from opsloop.errors import TransientError
+from opsloop.heap import duckdb_release_unused
 from opsloop.warehouse.duckdb_support import Session, translate
 
 # duckdb.connect() from two threads of one process at the same moment, when neither finds the file's
@@ -133,6 +134,7 @@ class DuckDBFile:
         if s.con is None or s.in_tx:
             return
         try:
+            duckdb_release_unused()
             with contextlib.suppress(duckdb.TransactionException):  # another transaction in the way: a later
                 s.con.execute("CHECKPOINT")  # checkpoint (at the latest when the session closes) writes it
         except duckdb.Error as exc:
