@@ -84,9 +84,10 @@ def arrow_pool_for_one_shot_batches() -> Iterator[pa.MemoryPool]:
 
 
 def duckdb_release_unused() -> bool:
-    """Hand the free pages DuckDB's bundled jemalloc keeps back to the system now (its documented
-    ``arena.<i>.purge`` control, for every arena). Returns False, doing nothing, where the DuckDB
-    build has no jemalloc of its own (macOS, Windows, Linux ARM wheels use the system allocator)."""
+    """Hand the free pages DuckDB's bundled jemalloc keeps back to the system now: jemalloc's
+    documented ``arena.<i>.purge`` control, for every arena, through the ``duckdb_je_mallctl`` the
+    extension module exports. Returns False, doing nothing, where the DuckDB build has no jemalloc of
+    its own (DuckDB bundles it only in its Linux x86-64 builds; elsewhere it uses the system allocator)."""
     global _duckdb_mallctl
     if _duckdb_mallctl is None:
         _duckdb_mallctl = _find_duckdb_mallctl()
