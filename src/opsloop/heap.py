@@ -1,4 +1,5 @@
-"""What a stage process sets up once: the collector off its startup objects, Arrow's allocator.
+"""What a stage process sets up once (the collector off its startup objects, Arrow's allocator) and
+the calls that hand Arrow's and DuckDB's freed pages back.
 
 A flow-run process imports Prefect, pyarrow, DuckDB, psycopg, pydantic and the spec's models before
 its first stage runs: tens to hundreds of thousands of objects that live until the process ends.
@@ -8,8 +9,8 @@ process, 0.05 s with them frozen). :func:`freeze_startup_objects` moves them to 
 permanent generation once per process, as CPython's ``gc.freeze`` documents for long-lived startup
 objects; objects created later are collected as before.
 
-:func:`arrow_pool_that_returns_memory` makes Arrow allocate from its bundled jemalloc, which hands
-freed pages back to the system after a short decay. The default pool on Linux wheels (mimalloc) kept
+:func:`arrow_pool_that_returns_memory` makes Arrow allocate from its bundled jemalloc, which reuses
+the pages of freed buffers for the next ones. The default pool on Linux wheels (mimalloc) kept
 the pages of every CSV block and batch a load had parsed: an initial load of 1M rows from Postgres
 peaked at 291–317 MB with it and 259–272 MB with jemalloc, at the same speed (session 12). Scoring
 1M rows end to end: 650–654 MB with mimalloc, 623–636 MB with jemalloc, 6.2–6.3 s either way. The
@@ -36,14 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
 _frozen = False
-# jemalloc's ``mallctl`` in DuckDB's extension module, once looked up; False where there is none
-_duckdb_mallctl: Callable[..., int] | bool | None = None
 _ALL_ARENAS_PURGE = b"arena.4096.purge"  # MALLCTL_ARENAS_ALL (4096 in jemalloc 5): every arena at once
 
 
@@ -88,22 +88,19 @@ def duckdb_release_unused() -> bool:
     documented ``arena.<i>.purge`` control, for every arena, through the ``duckdb_je_mallctl`` the
     extension module exports. Returns False, doing nothing, where the DuckDB build has no jemalloc of
     its own (DuckDB bundles it only in its Linux x86-64 builds; elsewhere it uses the system allocator)."""
-    global _duckdb_mallctl
-    if _duckdb_mallctl is None:
-        _duckdb_mallctl = _find_duckdb_mallctl()
-    if _duckdb_mallctl is False:
-        return False
-    assert callable(_duckdb_mallctl)
-    return _duckdb_mallctl(_ALL_ARENAS_PURGE, None, None, None, 0) == 0
+    mallctl = _find_duckdb_mallctl()
+    return mallctl is not None and mallctl(_ALL_ARENAS_PURGE, None, None, None, 0) == 0
 
 
-def _find_duckdb_mallctl() -> Callable[..., int] | bool:
+@functools.cache
+def _find_duckdb_mallctl() -> Callable[..., int] | None:
+    """jemalloc's ``mallctl`` in DuckDB's extension module (looked up once); None where there is none."""
     try:
         import _duckdb  # the extension module the duckdb package loads: already in memory
 
         fn = ctypes.CDLL(_duckdb.__file__).duckdb_je_mallctl
     except (ImportError, OSError, AttributeError):
-        return False
+        return None
     fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     fn.restype = ctypes.c_int
     return fn

@@ -13,9 +13,15 @@ import pytest
 from opsloop.heap import arrow_pool_for_one_shot_batches
 
 
+def _run(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
 def test_first_stage_freezes_what_exists_and_later_calls_do_nothing() -> None:
     # a fresh interpreter: the test process may have run a stage already
-    code = textwrap.dedent(
+    got = _run(
         """
         import gc
         from opsloop.heap import freeze_startup_objects
@@ -34,13 +40,11 @@ def test_first_stage_freezes_what_exists_and_later_calls_do_nothing() -> None:
         print("ok", frozen)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ok ")
+    assert got[0] == "ok"
 
 
 def test_arrow_allocates_from_jemalloc_after_a_stage_starts() -> None:
-    code = textwrap.dedent(
+    got = _run(
         """
         import pyarrow as pa
         try:
@@ -61,16 +65,8 @@ def test_arrow_allocates_from_jemalloc_after_a_stage_starts() -> None:
         print("ok", before, got)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ok ")
-    assert out.stdout.split()[2] == "jemalloc"  # the Linux wheels CI installs have it
-
-
-def _run(code: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()
+    assert got[0] == "ok"
+    assert got[2] == "jemalloc"  # the Linux wheels CI installs have it
 
 
 def test_one_shot_batches_come_from_the_system_pool_and_the_pool_is_restored() -> None:
