@@ -277,16 +277,23 @@ def _analysis(rows: dict[str, dict[str, Any]]) -> str:
     parts.append(
         "On plain loopback nothing but CPU separates the two, so an idle machine gives at most the CPU-time "
         "ratio for the serial Bulk path (the client waits while the sandbox processes the job; wall ÷ CPU "
-        f"{slowdown(rows['bulk']):.1f} here). The Collections and HubSpot pushes keep two requests in flight, "
+        f"{slowdown(rows['bulk']):.1f} here). The Collections and HubSpot pushes keep {_depth()} requests in flight, "
         "so the sandbox works on one while the client parses the previous answer, records it and builds the "
         f"next: their wall ÷ CPU is {min(map(slowdown, pipelined)):.1f}–{max(map(slowdown, pipelined)):.1f} "
         "(below 1 = the two processes overlapped), against "
         f"{min(map(slowdown, naive_rows)):.1f}–{max(map(slowdown, naive_rows)):.1f} for the naive loops. What is "
         "left in series on those paths is the client's diff and schema probe before the first request, the last "
-        "sync-log flush after the last answer (the others run on a background thread beside the requests) and "
+        "sync-log flush after the last answer (a small one: the others, shrinking toward the end, run on a "
+        "background thread beside the requests) and "
         "the sandbox's per-record work."
     )
     return "\n\n**What bounds the plain-loopback speed-up.** " + " ".join(parts)
+
+
+def _depth() -> str:
+    from opsloop.crm.base import SinkBase
+
+    return {2: "two", 3: "three", 4: "four"}.get(SinkBase.pipeline_depth, str(SinkBase.pipeline_depth))
 
 
 def _spread(runs: list[dict[str, Any]]) -> str:

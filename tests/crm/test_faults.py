@@ -247,3 +247,39 @@ def test_background_flush_failure_stops_the_push_and_nothing_is_lost(
     rep = push(wh, spec, "hubspot", crm_sandbox, run_id="rerun", flush_rows=100)
     assert rep["candidates"] == 800 - state and rep["failed"] == 0
     _consistent(wh, crm_sandbox, rows, "hubspot")
+
+
+def test_flushes_shrink_toward_the_end_and_run_on_one_duckdb_thread_beside_the_push(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full buffers go to the background flush, fewer records toward the end, so the flush the push
+    waits for after its last answer is small; background flushes run DuckDB on one thread (the HTTP
+    threads and the CRM need the cores), the last one — nothing else running — on all of them."""
+    from opsloop.crm import runner
+
+    spec = write_spec(tmp_path)
+    rows = predictions(1000)
+    write_predictions(wh, rows)
+    monkeypatch.setattr(runner, "TAIL_FLUSH_ROWS", 100)
+    seen: list[tuple[str, int, int]] = []
+    flush = SyncTables.flush
+
+    def spy(self: SyncTables, results: Any, *a: Any, **k: Any) -> Any:
+        with self.wh.connect() as con:  # type: ignore[attr-defined]
+            (threads,) = con.execute("SELECT current_setting('threads')").fetchone()
+        seen.append((threading.current_thread().name, sum(len(r) for r in results), int(threads)))
+        return flush(self, results, *a, **k)
+
+    monkeypatch.setattr(SyncTables, "flush", spy)
+    rep = push(wh, spec, "hubspot", crm_sandbox, flush_rows=400)
+    assert rep["pushed"] == 1000 and rep["failed"] == 0
+    background = [(n, t) for name, n, t in seen if name.startswith("sync-flush")]
+    last = seen[-1]
+    # a full buffer at 400; then each time the buffer holds as many as are still to come (300 at
+    # 700, 200 at 900); the last 100 are recorded after the last answer, on the pushing thread
+    assert background == [(400, 1), (300, 1), (200, 1)]
+    assert last[0] == "MainThread" and last[1] == 100 and last[2] > 1
+    assert sum(n for _, n, _ in seen) == 1000
+    with wh.connect() as con:  # the file's own thread count is back once the push is over
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] > 1
+    _consistent(wh, crm_sandbox, rows, "hubspot")

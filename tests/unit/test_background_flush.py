@@ -88,3 +88,18 @@ def test_the_file_is_held_between_flushes_and_let_go_when_idle(tmp_path: Path) -
     finally:
         assert flusher.finish() is None
     assert wh.query(f"SELECT count(*) AS n FROM {wh.quote(REF.dataset)}.flush_probe").to_pylist() == [{"n": 1}]
+
+
+def test_single_threaded_holds_only_inside_a_session_and_is_undone(tmp_path: Path) -> None:
+    wh = DuckDBAdapter(tmp_path / "wh.duckdb", threads=2)
+
+    def threads() -> int:
+        with wh.connect() as con:
+            return int(con.execute("SELECT current_setting('threads')").fetchone()[0])
+
+    with wh.single_threaded():  # no session: each operation opens the file with its own settings
+        assert threads() == 2
+    with wh.session():
+        with wh.single_threaded():
+            assert threads() == 1
+        assert threads() == 2

@@ -159,7 +159,7 @@ class SinkBase:
     """Shared plumbing: call counting against ``call_budget`` and value formatting."""
 
     vendor = ""
-    pipeline_depth = 2  # requests in flight in :meth:`pipelined`
+    pipeline_depth = 3  # requests in flight in :meth:`pipelined`
 
     def __init__(self, block: str, obj: str, external_id_field: str, policy: RetryPolicy | None = None) -> None:
         self.block = block

@@ -6,7 +6,8 @@ hands the next one over. On DuckDB the thread keeps one connection over back-to-
 opening and closing the file for each (a checkpoint each time) cost about a tenth of a 100k-record
 push. It closes it when no flush came for ``idle_seconds``, when it has been open ``hold_seconds``,
 and at the end — so another process waiting for the file gets its turn, and none waits for it while
-the push waits on the CRM.
+the push waits on the CRM. On that connection DuckDB runs on one thread: the HTTP threads and the CRM
+need the cores more than a 25k-row write needs a second thread.
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ class BackgroundFlusher:
                 if job is None:
                     return
                 fn, args = job
+                wh = self.tables.wh
                 try:
                     if held is None:
                         held = contextlib.ExitStack()
-                        held.enter_context(held_open(self.tables.wh))
+                        held.enter_context(held_open(wh))
+                        single = getattr(wh, "single_threaded", None)
+                        if single is not None:
+                            held.enter_context(single())
                         opened = time.monotonic()
                     if self._error is None:
                         fn(*args)

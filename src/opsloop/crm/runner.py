@@ -10,9 +10,10 @@
   already spent today, from ``_sync_runs``); the sink stops *before* a call that would exceed it
   and the rest waits for the next run (``deferred``). A CRM-side "daily limit reached" stops the
   same way.
-* results are recorded every ``flush_rows`` records (on a background thread, while the push goes on)
-  and on any exit (error included), so confirmed records are never re-sent after a failure, except
-  those a kill caught unrecorded: the flush in progress, the buffer and the requests in flight.
+* results are recorded every ``flush_rows`` records, fewer toward the end (:func:`flush_at`), on a
+  background thread while the push goes on, and on any exit (error included), so confirmed records
+  are never re-sent after a failure, except those a kill caught unrecorded: the flush in progress,
+  the buffer and the requests in flight.
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ class RunOptions:
     dry_run: bool = False
     limit: int | None = None
     retry_failed_only: bool = False
-    flush_rows: int = 10_000
+    flush_rows: int = 25_000
+
+
+TAIL_FLUSH_ROWS = 2_000
+
+
+def flush_at(flush_rows: int, remaining: int) -> int:
+    """Records to buffer before the next flush is handed to the background: ``flush_rows``, fewer
+    toward the end of the push — as many as are still to come, down to :data:`TAIL_FLUSH_ROWS` —
+    so the last flush, the one the push waits for, is small (100k records at 25k: hand-offs at 25k,
+    50k, 75k, 87.5k, 93.75k, 96.9k, 98.9k; the push waits for ≈ 1k, not 25k)."""
+    return min(flush_rows, max(TAIL_FLUSH_ROWS, remaining))
 
 
 def field_specs(dest: DestinationSpec, predictions: TableSchema, spec: PipelineSpec) -> list[FieldSpec]:
@@ -246,8 +258,9 @@ def _push(
     report: dict[str, Any],
     last_flush: Callable[[], Any] = lambda: None,
 ) -> None:
-    """Push the staged candidates, recording results every ``flush_rows`` records; ``last_flush``
-    is called before the final flush (it opens the session the run row is written in).
+    """Push the staged candidates, recording results every ``flush_rows`` records (fewer toward the
+    end: :func:`flush_at`); ``last_flush`` is called before the final flush (it opens the session
+    the run row is written in).
 
     A full buffer is recorded on a background thread while the push goes on (one flush at a time,
     in order; the next waits for it, and a failed flush stops the push at the next hand-off), so the
@@ -281,8 +294,8 @@ def _push(
             buffered += len(result)
             attempted += len(result)
             faults.checkpoint("mid_crm_push")
-            if buffered >= run.flush_rows:
-                hand_off()
+            if attempted < total and buffered >= flush_at(run.flush_rows, total - attempted):
+                hand_off()  # the last results are recorded below, on this thread, with all of DuckDB's
     except BudgetCapReached as exc:
         report.update(status="budget_stopped", note=str(exc))
     except CrmBudgetExhausted as exc:
@@ -291,8 +304,12 @@ def _push(
         report.update(status="failed", note=str(exc)[:500])
         raise
     finally:
-        failed = writer.finish()
-        last_flush()
+        try:
+            # opened while the background flush still holds the file: DuckDB shares the open database
+            # (no reopening it, one closing checkpoint instead of two)
+            last_flush()
+        finally:
+            failed = writer.finish()
         if buffered:
             flushes += 1
             flush(buffer, f"{run.run_id}_{flushes}")
