@@ -390,7 +390,7 @@ def _footer(n: int) -> str:
         "Salesforce — field names checked, external id looked up case-insensitively (duplicates in the "
         "request or the org are per-record errors), every value coerced to its field type (number, text "
         "length, picklist, date/time), read-only and required fields checked, failure rules applied, the "
-        "merged record written and its SystemModstamp index entry moved, a per-record result (Bulk: a "
+        "merged record written (no SystemModstamp index to move: see sandbox/store.py), a per-record result (Bulk: a "
         "result-CSV row). HubSpot — every property value validated against its definition (number, option, "
         "text), the unique id property looked up, the record merged and written, a per-record result item. "
         "Batches share only plumbing: one field plan per request, one indexed lookup for all ids, one "

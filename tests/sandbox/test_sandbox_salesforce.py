@@ -195,3 +195,29 @@ def _tmp(text: str) -> str:
     f.write(text)
     f.close()
     return f.name
+
+
+def test_an_older_state_file_loses_its_modstamp_index(tmp_path: Any) -> None:
+    """Writes no longer keep a modstamp index in step (see sandbox/store.py); a state file written
+    by an older sandbox has one, and opening it drops it — its records and their order stay."""
+    import sqlite3
+
+    from sandbox.store import Store
+
+    store = Store(tmp_path)
+    store.con.execute("CREATE INDEX records_mod ON records(vendor, object, modstamp, rid)")
+    store.con.execute(
+        "INSERT INTO records(vendor, object, id, created, modstamp, deleted, data) "
+        "VALUES ('salesforce', 'Contact', '003A', 1, 2, 0, '{\"LastName\": \"A\"}')"
+    )
+    store.close()
+    reopened = Store(tmp_path)
+    try:
+        indexes = {r[0] for r in reopened.con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "records_mod" not in indexes and "records_id" in indexes
+        assert [r.data for r in reopened.select("salesforce", "Contact", "AND modstamp > ?", (1,), "modstamp")] == [
+            {"LastName": "A"}
+        ]
+    finally:
+        reopened.close()
+    assert sqlite3.connect(tmp_path / "sandbox.sqlite3").execute("SELECT count(*) FROM records").fetchone() == (1,)
