@@ -75,6 +75,23 @@ def test_append_with_job_key_is_loaded_once(wh, target) -> None:  # type: ignore
     assert wh.query(f"SELECT count(*) AS c FROM {wh.quote(target)}").column("c")[0].as_py() == 4
 
 
+def test_a_checked_append_reads_no_table_metadata(wh, target, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    wh.append(target, batch([("a", 1, 0)]))  # creates the table
+    reads: list[str] = []
+    get_table = wh.client.get_table
+
+    def counted(ref, *a, **k):  # type: ignore[no-untyped-def]
+        reads.append(str(ref))
+        return get_table(ref, *a, **k)
+
+    monkeypatch.setattr(wh.client, "get_table", counted)
+    wh.append(target, batch([("b", 2, 0)]), checked=True)  # a sync-log flush: the push ensured the table
+    assert reads == []
+    wh.append(target, batch([("c", 3, 0)]))
+    assert reads and all(r.endswith(".events") for r in reads)  # unchecked: the schema is read first
+    assert wh.query(f"SELECT count(*) AS c FROM {wh.quote(target)}").column("c")[0].as_py() == 3
+
+
 def test_read_batches_over_the_storage_api(wh, target) -> None:  # type: ignore[no-untyped-def]
     wh.append(target, batch([(f"r{i:04d}", i, i % 3) for i in range(2500)]))
     assert wh._storage() is not None  # the emulator's gRPC endpoint, not REST

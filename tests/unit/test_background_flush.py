@@ -103,3 +103,20 @@ def test_single_threaded_holds_only_inside_a_session_and_is_undone(tmp_path: Pat
         with wh.single_threaded():
             assert threads() == 1
         assert threads() == 2
+
+
+def test_a_checked_append_skips_the_catalog_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wh = _wh(tmp_path)
+    reads: list[TableRef] = []
+    schema_of = DuckDBAdapter.table_schema
+
+    def counted(self: DuckDBAdapter, ref: TableRef) -> TableSchema | None:
+        reads.append(ref)
+        return schema_of(self, ref)
+
+    monkeypatch.setattr(DuckDBAdapter, "table_schema", counted)
+    wh.append(REF, pa.table({"k": [1]}, schema=SCHEMA), checked=True)
+    assert reads == []
+    wh.append(REF, pa.table({"k": [2]}, schema=SCHEMA))
+    assert reads and set(reads) == {REF}
+    assert wh.query(f"SELECT sum(k) AS s FROM {wh.quote(REF)}").column("s")[0].as_py() == 3

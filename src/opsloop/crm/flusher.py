@@ -7,7 +7,7 @@ opening and closing the file for each (a checkpoint each time) cost about a tent
 push. It closes it when no flush came for ``idle_seconds``, when it has been open ``hold_seconds``,
 and at the end — so another process waiting for the file gets its turn, and none waits for it while
 the push waits on the CRM. On that connection DuckDB runs on one thread: the HTTP threads and the CRM
-need the cores more than a 25k-row write needs a second thread.
+need the cores more than a sync-log write needs a second thread.
 """
 
 from __future__ import annotations

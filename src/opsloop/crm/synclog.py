@@ -164,6 +164,7 @@ class SyncTables:
         slug = re.sub(r"[^a-z0-9]+", "_", destination.lower()).strip("_")
         self.stg_state = TableRef(meta, f"_stg_sync_state_{slug}")
         self.stg_retry = TableRef(meta, f"_stg_sync_retry_{slug}")
+        self._ensured = False  # ensure() ran: appends skip their own table check
 
     def ensure(self) -> None:
         """Create the four tables (or add missing columns); one schema read each when they exist."""
@@ -177,6 +178,7 @@ class SyncTables:
             have = wh.table_schema(ref)
             if have is None or any(have.column(c.name) is None for c in schema.columns):
                 wh.ensure_table(ref, schema)
+        self._ensured = True
 
     # -- writing results -----------------------------------------------------------------------
     def log_rows(self, rows: list[dict[str, Any]]) -> None:
@@ -275,7 +277,7 @@ class SyncTables:
         )
         with held_open(self.wh):
             self._defer_vacuum()
-            self.wh.append(self.log, log)
+            self.wh.append(self.log, log, checked=self._ensured)
             faults.checkpoint("after_push_before_sync_state")
             if _duckdb(self.wh) and _unique(state) and _unique(retry):
                 self._upsert_duckdb(state, retry)
@@ -368,7 +370,7 @@ class SyncTables:
         full = {name: row.get(name) for name in RUNS_ARROW.names}
         with held_open(self.wh):
             self._defer_vacuum()
-            self.wh.append(self.runs, pa.Table.from_pylist([full], schema=RUNS_ARROW))
+            self.wh.append(self.runs, pa.Table.from_pylist([full], schema=RUNS_ARROW), checked=self._ensured)
 
     # -- reading -------------------------------------------------------------------------------
     def calls_today(self) -> int:

@@ -203,9 +203,11 @@ class BigQueryAdapter:
         self._expire(ref)
         return stats
 
-    def append(self, ref: TableRef, data: pa.Table, job_key: str | None = None) -> JobStats:
-        """Append rows (logs, ledgers); with ``job_key`` a retried append is loaded once."""
-        self.ensure_table(ref, TableSchema.from_arrow(data.schema))
+    def append(self, ref: TableRef, data: pa.Table, job_key: str | None = None, checked: bool = False) -> JobStats:
+        """Append rows (logs, ledgers); with ``job_key`` a retried append is loaded once. ``checked``:
+        the caller ensured the table and its columns already (no table read before the load)."""
+        if not checked:
+            self.ensure_table(ref, TableSchema.from_arrow(data.schema))
         spool = ParquetSpool(data.schema, f"append to {self.table_id(ref)}")
         try:
             spool.write(data.to_batches())

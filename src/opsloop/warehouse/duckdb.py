@@ -244,10 +244,13 @@ class DuckDBAdapter(DuckDBFile):
             raise
         return self._record("insert", started, str(ref), rows=int(rows), inserted=int(rows))
 
-    def append(self, ref: TableRef, data: pa.Table, job_key: str | None = None) -> JobStats:
-        """Append rows (logs, ledgers); creates the table from the data's schema when missing."""
+    def append(self, ref: TableRef, data: pa.Table, job_key: str | None = None, checked: bool = False) -> JobStats:
+        """Append rows (logs, ledgers); creates the table from the data's schema when missing.
+        ``checked``: the caller ensured the table and its columns already (three catalog queries
+        less — a CRM push's sync-log flushes append to tables ensured when the push began)."""
         started = time.perf_counter()
-        self.ensure_table(ref, TableSchema.from_arrow(data.schema))
+        if not checked:
+            self.ensure_table(ref, TableSchema.from_arrow(data.schema))
         cols = ", ".join(self._sql.ident(n) for n in data.column_names)
         with self.connect() as con:
             con.register("_opsloop_rows", data)
