@@ -56,17 +56,24 @@ def hash_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array([sha(t.encode()).hexdigest()[:32] for t in texts.to_pylist()], pa.string())
 
 
+HASH_SPLIT = 4
+
+
 def duckdb_hasher(con: Any, min_rows: int = 5000) -> Hasher:
     """:func:`hash_texts` computed by DuckDB's ``sha256`` on connection ``con``: the same digests
     (SHA-256 of the UTF-8 text, first 32 hex digits) from one C++ loop instead of a hashlib call per
-    row — about a third of the CPU. Batches under ``min_rows`` (a query's fixed cost) use hashlib."""
+    row — about a third of the CPU — handed over as :data:`HASH_SPLIT` record batches, which DuckDB
+    hashes in parallel (50k payloads on 2 cores: 17-21 → 9 ms). Batches under ``min_rows`` (a
+    query's fixed cost) use hashlib."""
 
     def hashes(texts: pa.Array) -> pa.Array:
         n = len(texts)
         if n < min_rows:
             return hash_texts(texts)
         order = pa.array(np.arange(n, dtype=np.int64))
-        con.register("_opsloop_payload_texts", pa.table({"i": order, "t": texts}))
+        # in a few record batches, so DuckDB hashes them on all its threads (one batch: one thread)
+        parts = pa.table({"i": order, "t": texts}).to_batches(max_chunksize=-(-n // HASH_SPLIT))
+        con.register("_opsloop_payload_texts", pa.Table.from_batches(parts))
         try:
             out = con.sql("SELECT i, left(sha256(t), 32) AS h FROM _opsloop_payload_texts").to_arrow_table()
         finally:
