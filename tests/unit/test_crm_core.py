@@ -256,3 +256,58 @@ def test_pipelined_budget_is_never_exceeded() -> None:
     with pytest.raises(BudgetCapReached):
         sink.run(9, 3)
     assert sink.stats.calls == 5 and sorted(sink.sent) == [0, 1, 2, 3, 4] and sink.active == 0
+
+
+def test_collections_records_are_built_by_arrow_as_the_json_of_their_values() -> None:
+    """The Collections body is joined from per-row JSON texts Arrow builds column-wise; parsed, it is
+    exactly the records a dict per row would give (floats round-trip, strings escaped, nulls null),
+    and the external id wins over a mapped field of the same name (any case)."""
+    import math
+    import random
+
+    import orjson
+
+    from opsloop.crm.payload import VALUE_PREFIX
+    from opsloop.crm.salesforce import SalesforceSink
+
+    rnd = random.Random(7)
+    n = 2000
+    scores = [rnd.random() * 10.0 ** rnd.randint(-12, 20) * rnd.choice((1, -1)) for _ in range(n - 4)]
+    scores += [float("nan"), float("inf"), 0.0, 1e16]
+    texts = [rnd.choice(["call", 'say "hi"', "é", "back\\slash", "tab\there", None]) for _ in range(n)]
+    ids = [f"C{i:05d}" if i % 7 else f'Q"{i}é' for i in range(n)]
+    sink = SalesforceSink.__new__(SalesforceSink)  # only the body building: no client needed
+    sink.object, sink.external_id_field = "Contact", "Customer_Id__c"
+    sink.columns = ["AI_Churn_Risk__c", "AI_Next_Action__c", "Flag__c", "N__c", "customer_id__c"]
+    table = pa.table(
+        {
+            "external_id": ids,
+            VALUE_PREFIX + "AI_Churn_Risk__c": pa.array(scores, pa.float64()),
+            VALUE_PREFIX + "AI_Next_Action__c": texts,
+            VALUE_PREFIX + "Flag__c": [rnd.choice([True, False, None]) for _ in range(n)],
+            VALUE_PREFIX + "N__c": pa.array([rnd.choice([None, 0, -7, 2**40]) for _ in range(n)], pa.int64()),
+            VALUE_PREFIX + "customer_id__c": ["twin"] * n,
+        }
+    )
+    (staged,) = list(sink._with_records([table]))
+    body = orjson.loads(sink._collection_body(staged.slice(0, n)))
+    assert body["allOrNone"] is False
+    want = [
+        {
+            "attributes": {"type": "Contact"},
+            "AI_Churn_Risk__c": None if math.isnan(s) or math.isinf(s) else s,
+            "AI_Next_Action__c": t,
+            "Flag__c": f,
+            "N__c": k,
+            "Customer_Id__c": i,
+        }
+        for s, t, f, k, i in zip(
+            scores,
+            texts,
+            table.column(VALUE_PREFIX + "Flag__c").to_pylist(),
+            table.column(VALUE_PREFIX + "N__c").to_pylist(),
+            ids,
+            strict=True,
+        )
+    ]
+    assert body["records"] == want

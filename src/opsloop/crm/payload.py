@@ -119,6 +119,19 @@ def _float_texts(col: pa.Array) -> pa.Array:
     return pc.if_else(finite, text, pa.scalar("null"))
 
 
+# text that is a JSON string once put between quotes: no quote, backslash, control or non-ASCII character
+_PLAIN_TEXT = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
+
+
+def json_strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each (non-null) string of ``col`` as a JSON string literal, as ``json.dumps`` writes it:
+    quoted by Arrow when no value needs escaping (ids, keys), else escaped value by value."""
+    col = (col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).cast(pa.string())
+    if pc.all(pc.match_substring_regex(col, _PLAIN_TEXT)).as_py() is not False:
+        return pc.binary_join_element_wise('"', col, '"', "")
+    return pa.array([None if v is None else encode_basestring_ascii(v) for v in col.to_pylist()], pa.string())
+
+
 def _generic_json(v: Any) -> str:
     return json.dumps(jsonable(v), sort_keys=True, separators=(",", ":"), default=str)
 
