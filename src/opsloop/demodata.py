@@ -302,13 +302,21 @@ def advance(dsn: str, seed: int | None = None, now: datetime | None = None) -> d
             (churn,),
         )
         out["customers_churned"] = cur.rowcount
+        # rows picked by a hash salted from the seed (not Postgres' random()): one seed, one set of changes
+        salt = str(int(rng.integers(0, 2**31)))
         cur = conn.execute(
             "UPDATE support_tickets SET status = 'closed', closed_at = now(), updated_at = now() "
-            "WHERE status = 'open' AND random() < 0.3"
+            "WHERE status = 'open' AND substr(md5(ticket_id || %s), 1, 8) < '4ccccccd'",  # ≈ 30 %
+            (salt,),
         )
         out["tickets_closed"] = cur.rowcount
         k = max(n // 250, 1)  # back-dated corrections (the max_age gate quarantines them) and deletes
-        old = [r[0] for r in conn.execute("SELECT event_id FROM transactions ORDER BY random() LIMIT %s", (2 * k,))]
+        old = [
+            r[0]
+            for r in conn.execute(
+                "SELECT event_id FROM transactions ORDER BY md5(event_id || %s), event_id LIMIT %s", (salt, 2 * k)
+            )
+        ]
         cur = conn.execute(
             "UPDATE transactions SET amount = round(amount * 1.1, 2), updated_at = now() WHERE event_id = ANY(%s)",
             (old[:k],),
