@@ -246,6 +246,7 @@ def run(n: int, sample: int, repeats: int, delay_ms: int) -> str:
 
 def _analysis(rows: dict[str, dict[str, Any]]) -> str:
     """What bounds the plain-loopback speed-up, in this run's own CPU figures."""
+    from opsloop.crm.base import SinkBase
 
     def us(r: dict[str, Any], side: str) -> float:
         return float(r[side]) / r["records"] * 1e6
@@ -277,7 +278,8 @@ def _analysis(rows: dict[str, dict[str, Any]]) -> str:
     parts.append(
         "On plain loopback nothing but CPU separates the two, so an idle machine gives at most the CPU-time "
         "ratio for the serial Bulk path (the client waits while the sandbox processes the job; wall ÷ CPU "
-        f"{slowdown(rows['bulk']):.1f} here). The Collections and HubSpot pushes keep {_depth()} requests in flight, "
+        f"{slowdown(rows['bulk']):.1f} here). The Collections and HubSpot pushes keep "
+        f"{SinkBase.pipeline_depth} requests in flight, "
         "so the sandbox works on one while the client parses the previous answer, records it and builds the "
         f"next: their wall ÷ CPU is {min(map(slowdown, pipelined)):.1f}–{max(map(slowdown, pipelined)):.1f} "
         "(below 1 = the two processes overlapped), against "
@@ -288,12 +290,6 @@ def _analysis(rows: dict[str, dict[str, Any]]) -> str:
         "the sandbox's per-record work."
     )
     return "\n\n**What bounds the plain-loopback speed-up.** " + " ".join(parts)
-
-
-def _depth() -> str:
-    from opsloop.crm.base import SinkBase
-
-    return {2: "two", 3: "three", 4: "four"}.get(SinkBase.pipeline_depth, str(SinkBase.pipeline_depth))
 
 
 def _spread(runs: list[dict[str, Any]]) -> str:

@@ -124,12 +124,14 @@ _PLAIN_TEXT = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
 
 
 def json_strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Each (non-null) string of ``col`` as a JSON string literal, as ``json.dumps`` writes it:
-    quoted by Arrow when no value needs escaping (ids, keys), else escaped value by value."""
+    """Each string of ``col`` as a JSON string literal, as ``json.dumps`` writes it (nulls stay
+    null), for columns of mostly distinct values (ids): quoted by Arrow when no value needs escaping,
+    else escaped once per distinct value. Low-cardinality columns (enums, one timestamp) are quicker
+    through :func:`_by_distinct` alone (50k values: 0.8 vs 3 ms); 50k distinct ids are not (6.5 vs 2.4 ms)."""
     col = (col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).cast(pa.string())
     if pc.all(pc.match_substring_regex(col, _PLAIN_TEXT)).as_py() is not False:
         return pc.binary_join_element_wise('"', col, '"', "")
-    return pa.array([None if v is None else encode_basestring_ascii(v) for v in col.to_pylist()], pa.string())
+    return _by_distinct(col, encode_basestring_ascii)
 
 
 def _generic_json(v: Any) -> str:

@@ -236,7 +236,7 @@ class SalesforceSink(SinkBase):
         JSON text, built column-wise by Arrow from the JSON text of each value (the text
         ``json.dumps`` writes: :func:`~opsloop.crm.payload.encode_column`) — a request body is then
         200 of them joined, not 200 dicts built and serialised on the thread that feeds the requests
-        (100k records: 70 → 20 ms). The external id wins over a mapped field of the same name."""
+        (100k records: 70 → 14 ms). The external id wins over a mapped field of the same name."""
         ext = self.external_id_field
         names = [c for c in self.columns if c.lower() != ext.lower()]
         head = '{"attributes":{"type":' + json.dumps(self.object) + "}"
@@ -267,6 +267,7 @@ class SalesforceSink(SinkBase):
         )
 
     def _collection_parse(self, t: pa.Table, out: Any) -> BatchResult:
+        t = t.drop_columns(["_record"])  # sent: the results keep the staged rows only
         n = t.num_rows
         if not isinstance(out, list) or len(out) != n:
             raise TerminalError(
@@ -277,7 +278,7 @@ class SalesforceSink(SinkBase):
         if all(item.get("success") for item in out):  # the usual answer: no per-record error
             ok: list[str | None] = [None] * n
             created: list[str | None] = ["created" if item.get("created") else "updated" for item in out]
-            return BatchResult(t.drop_columns(["_record"]), created, crm_id, ok, list(ok), "collections")
+            return BatchResult(t, created, crm_id, ok, list(ok), "collections")
         status: list[str | None] = []
         code: list[str | None] = []
         message: list[str | None] = []
@@ -291,7 +292,7 @@ class SalesforceSink(SinkBase):
                 status.append("failed")
                 code.append(str(err.get("statusCode", "UNKNOWN")))
                 message.append(str(err.get("message", ""))[:1000])
-        return BatchResult(t.drop_columns(["_record"]), status, crm_id, code, message, "collections")
+        return BatchResult(t, status, crm_id, code, message, "collections")
 
     def _bulk_csv(self, t: pa.Table) -> bytes:
         ext = self.external_id_field
