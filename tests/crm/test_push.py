@@ -117,6 +117,27 @@ def test_significance_rule_skips_jitter(wh: DuckDBAdapter, tmp_path: Path, crm_s
     assert got[rows[2]["customer_id"]][0] == rows[2]["predicted_churn_risk"]  # jitter not pushed
 
 
+def test_without_min_delta_a_confirmed_record_is_known_by_its_hash_alone(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
+) -> None:
+    """minDelta 0: the diff reads no confirmed payloads (the widest state column); a changed hash is a
+    changed record, and a record with a state row counts as changed, not new."""
+    spec = write_spec(tmp_path)
+    rows = predictions(40)
+    write_predictions(wh, rows)
+    assert push(wh, spec, "hubspot", crm_sandbox)["created"] == 40
+    with wh.connect() as con:  # the stored payloads are not what the diff decides on
+        con.execute("UPDATE opsloop_meta._sync_state SET payload = NULL")
+    changed = [dict(r) for r in rows]
+    for r in changed[:5]:
+        r["next_best_action"] = "executive_call" if r["next_best_action"] != "executive_call" else "none"
+    write_predictions(wh, changed)
+    rep = push(wh, spec, "hubspot", crm_sandbox, run_id="run-2")
+    assert rep["candidates"] == 5 and rep["diff"]["changed"] == 5 and rep["diff"]["new"] == 0
+    assert rep["updated"] == 5 and rep["diff"]["unchanged"] == 35
+    assert actual_hs(crm_sandbox) == expected_hs(changed)
+
+
 def test_hubspot_207_partial_failure_then_only_failed_are_retried(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:

@@ -1,10 +1,11 @@
 """Which predictions need pushing: the diff against the last CRM-confirmed payloads.
 
 One streamed query joins the predictions (latest row per entity) with ``_sync_state`` (last
-confirmed payload hash + values + bucket), ``_sync_retry`` (failed attempts) and, when review is
-required, the review queue. Each streamed batch is then decided column-wise: the mapped payloads
-are encoded and hashed per batch (:mod:`opsloop.crm.payload`) and compared with the confirmed
-hashes as Arrow masks. A row becomes a candidate when its hash differs from the confirmed one, unless
+confirmed payload hash and bucket; its values too when the significance rule needs them),
+``_sync_retry`` (failed attempts) and, when review is required, the review queue. Each streamed
+batch is then decided column-wise: the mapped payloads are encoded and hashed per batch
+(:mod:`opsloop.crm.payload`) and compared with the confirmed hashes as Arrow masks. A row becomes
+a candidate when its hash differs from the confirmed one, unless
 
 * only score fields moved, each by less than ``significance.minDelta``, and the risk bucket did
   not change (``onBucketChange``) — float jitter costs no API calls;
@@ -152,6 +153,10 @@ def _diff_sql(wh: Warehouse, opts: DiffOptions, tables: SyncTables, cols: list[s
         f" QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {q('scored_at')} DESC) = 1" if has_scored_at else ""
     )
     select = ", ".join(f"p.{q(c)} AS {q(c)}" for c in cols)
+    # the confirmed values are read only for the significance rule: without minDelta a changed hash
+    # is a changed value (the hash is of the canonical text), and the payload is the widest column of
+    # _sync_state (100k-row diff on DuckDB: 51 -> 31 ms for the query; on BigQuery, bytes not billed)
+    prev_payload = "s.payload" if opts.min_delta > 0 else "CAST(NULL AS STRING)"
     join_on = (
         f"{{a}}.pipeline = {p('pipeline')} AND {{a}}.destination = {p('destination')} "
         f"AND {{a}}.entity = CAST(p.{key} AS STRING)"
@@ -159,7 +164,8 @@ def _diff_sql(wh: Warehouse, opts: DiffOptions, tables: SyncTables, cols: list[s
     sql = (
         f"WITH p AS (SELECT * FROM {q(opts.predictions)} WHERE {key} IS NOT NULL{dedup})\n"
         f"SELECT CAST(p.{key} AS STRING) AS _entity, {select}, s.payload_hash AS _prev_hash, "
-        f"s.payload AS _prev_payload, s.bucket AS _prev_bucket, r.attempts AS _attempts, r.payload_hash AS _failed_hash"
+        f"{prev_payload} AS _prev_payload, s.bucket AS _prev_bucket, r.attempts AS _attempts, "
+        "r.payload_hash AS _failed_hash"
     )
     frm = (
         f"\nFROM p LEFT JOIN {q(tables.state)} s ON {join_on.format(a='s')}"
@@ -264,9 +270,9 @@ def _decide(t: pa.Table, opts: DiffOptions, res: DiffResult, hasher: Hasher = ha
     st["capped"] += pc.sum(capped).as_py() or 0
     live = pc.and_(live, pc.invert(capped))
     prev_payload = t.column("_prev_payload").combine_chunks()
-    has_prev = pc.is_valid(prev_payload)
+    has_prev = pc.is_valid(prev_hash)  # confirmed before (state rows always carry their hash)
     check = pc.and_(live, pc.and_(has_prev, pc.equal(attempt, 1)))
-    insignificant = _insignificant(t, opts, check, texts, prev_payload, values, bucket)
+    insignificant = _insignificant(t, opts, check, prev_payload, values, bucket)
     st["insignificant"] += pc.sum(insignificant).as_py() or 0
     live = pc.and_(live, pc.invert(insignificant))
     idx = _indices(live)
@@ -340,22 +346,16 @@ def _insignificant(
     t: pa.Table,
     opts: DiffOptions,
     check: pa.Array,
-    texts: pa.Array,
     prev_payload: pa.Array,
     values: dict[str, pa.Array],
     bucket: pa.Array,
 ) -> pa.Array:
-    """Rows (among ``check``) whose change is not worth a call. With ``minDelta`` 0 any differing
-    value is significant, so only an identical payload text is insignificant; otherwise the rule
-    runs per row on the rows that have a previous payload."""
+    """Rows (among ``check``: changed, confirmed before, first attempt) whose change is not worth a
+    call. Without ``minDelta`` every changed row is worth one: its hash differs from the confirmed
+    one, so its canonical text — some value — does too (the confirmed payloads are not even read).
+    With ``minDelta`` the rule runs per row on the rows that have a previous payload."""
     if opts.min_delta <= 0:
-        same = pc.and_(check, pc.fill_null(pc.equal(texts, prev_payload), False))
-        if opts.on_bucket_change and opts.bucket_column is not None:
-            prev_bucket = t.column("_prev_bucket").cast(pa.string()).combine_chunks()
-            moved = pc.fill_null(pc.not_equal(bucket, prev_bucket), True)
-            moved = pc.if_else(pc.and_(pc.is_null(bucket), pc.is_null(prev_bucket)), False, moved)
-            same = pc.and_(same, pc.invert(moved))
-        return same
+        return pa.repeat(pa.scalar(False), t.num_rows)
     idx = _indices(check)
     flags = [False] * t.num_rows
     if idx:
