@@ -117,18 +117,25 @@ def push(
     wh: Warehouse,
     spec: PipelineSpec,
     crm: str,
-    sbx: SandboxClient,
+    sbx: SandboxClient | None,
     run_id: str = "run-1",
     token: str | None = None,
+    client: Any = None,
+    policy: RetryPolicy = FAST,
     **run: Any,
 ) -> dict[str, Any]:
+    """Push ``crm``'s destination of ``spec`` as the sync task does; ``client`` (a block's) instead of
+    one for the sandbox, ``policy`` instead of the fast test retries."""
     dest = next(d for d in spec.reverse_etl() if d.crm == crm)
-    if crm == "salesforce":
-        client = salesforce_client(sbx.url, token or sbx.salesforce_token, timeout=(5, 60))
-    else:
-        client = hubspot_client(token or sbx.hubspot_token, sbx.url, timeout=(5, 60))
-    sink = make_sink(dest, client, str(dest.connection), spec, policy=FAST)
-    if crm == "salesforce":
+    if client is None:
+        assert sbx is not None, "a sandbox, or a client"
+        client = (
+            salesforce_client(sbx.url, token or sbx.salesforce_token, timeout=(5, 60))
+            if crm == "salesforce"
+            else hubspot_client(token or sbx.hubspot_token, sbx.url, timeout=(5, 60))
+        )
+    sink = make_sink(dest, client, str(dest.connection), spec, policy=policy)
+    if crm == "salesforce" and policy is FAST:
         sink.poll_interval = 0.02  # type: ignore[attr-defined]
     opts = RunOptions(run_id=run_id, **run)
     return push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
