@@ -121,11 +121,12 @@ def push(
     run_id: str = "run-1",
     token: str | None = None,
     client: Any = None,
-    policy: RetryPolicy = FAST,
+    policy: RetryPolicy | None = None,
     **run: Any,
 ) -> dict[str, Any]:
     """Push ``crm``'s destination of ``spec`` as the sync task does; ``client`` (a block's) instead of
-    one for the sandbox, ``policy`` instead of the fast test retries."""
+    one for the sandbox, ``policy`` instead of the fast test retries (:data:`FAST`, read at call time:
+    a test may swap it)."""
     dest = next(d for d in spec.reverse_etl() if d.crm == crm)
     if client is None:
         assert sbx is not None, "a sandbox, or a client"
@@ -134,8 +135,8 @@ def push(
             if crm == "salesforce"
             else hubspot_client(token or sbx.hubspot_token, sbx.url, timeout=(5, 60))
         )
-    sink = make_sink(dest, client, str(dest.connection), spec, policy=policy)
-    if crm == "salesforce" and policy is FAST:
+    sink = make_sink(dest, client, str(dest.connection), spec, policy=policy or FAST)
+    if crm == "salesforce" and policy is None:
         sink.poll_interval = 0.02  # type: ignore[attr-defined]
     opts = RunOptions(run_id=run_id, **run)
     return push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
