@@ -180,8 +180,8 @@ def test_round_trip_lands_exactly_reruns_idle_and_cleans_up(live: LiveCrm, tmp_p
     spec = write_spec(tmp_path, share=1.0, bulk=N)  # 6 records go by Bulk 2.0, 2 by Collections
     policy = RetryPolicy() if live.remote else RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.05)
     destination = "salesforce.Contact" if live.crm == "salesforce" else "hubspot.contacts"
-    live.prepare(ids)
     try:
+        live.prepare(ids)
         write_predictions(wh, rows)
         rep = push(wh, spec, live.crm, None, client=live.client, policy=policy)
         missing = rep.get("schema", {}).get("missing")
