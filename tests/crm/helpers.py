@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -142,16 +143,16 @@ def push(
     return push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
 
 
-def expected_sf(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+def expected(rows: list[dict[str, Any]], scored: Callable[[datetime], Any]) -> dict[str, tuple[Any, ...]]:
+    """(churn risk, next action, bucket, ``scored(scored_at)``) per customer id: what the CRM should hold."""
     return {
-        r["customer_id"]: (
-            r["predicted_churn_risk"],
-            r["next_best_action"],
-            r["risk_bucket"],
-            r["scored_at"].strftime("%Y-%m-%dT%H:%M:%S.000+0000"),
-        )
+        r["customer_id"]: (r["predicted_churn_risk"], r["next_best_action"], r["risk_bucket"], scored(r["scored_at"]))
         for r in rows
     }
+
+
+def expected_sf(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    return expected(rows, lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000+0000"))
 
 
 def actual_sf(sbx: SandboxClient) -> dict[str, tuple[Any, ...]]:
@@ -162,15 +163,7 @@ def actual_sf(sbx: SandboxClient) -> dict[str, tuple[Any, ...]]:
 
 
 def expected_hs(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    return {
-        r["customer_id"]: (
-            r["predicted_churn_risk"],
-            r["next_best_action"],
-            r["risk_bucket"],
-            r["scored_at"].strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-        )
-        for r in rows
-    }
+    return expected(rows, lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000Z"))
 
 
 def actual_hs(sbx: SandboxClient) -> dict[str, tuple[Any, ...]]:

@@ -31,7 +31,7 @@ from blocks.crm import HubSpotCredentials, SalesforceCredentials, local_crm_docu
 from opsloop.crm.retry import RetryPolicy
 from opsloop.warehouse.duckdb import DuckDBAdapter
 from sandbox.client import SandboxClient
-from tests.crm.helpers import log_counts, predictions, push, write_predictions, write_spec
+from tests.crm.helpers import expected, log_counts, predictions, push, write_predictions, write_spec
 
 SF_FIELDS = ("AI_Churn_Risk__c", "AI_Next_Action__c", "AI_Risk_Bucket__c", "AI_Scored_At__c")
 HS_PROPS = ("ai_churn_risk", "ai_next_action", "ai_risk_bucket", "ai_scored_at")
@@ -131,18 +131,6 @@ def _apis(wh: DuckDBAdapter, run_id: str) -> set[str]:
     return {r["api"] for r in rows}
 
 
-def _expected(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    return {
-        r["customer_id"]: (
-            r["predicted_churn_risk"],
-            r["next_best_action"],
-            r["risk_bucket"],
-            r["scored_at"].timestamp(),
-        )
-        for r in rows
-    }
-
-
 @pytest.fixture(
     params=[
         "salesforce-sandbox",
@@ -193,7 +181,7 @@ def test_round_trip_lands_exactly_reruns_idle_and_cleans_up(live: LiveCrm, tmp_p
             assert rep["api_calls"] <= (30 if live.remote else 9)  # a real org's job takes a few polls
         else:
             assert rep["created"] == N and _apis(wh, "run-1") == {"batch"}
-        assert live.read(ids) == _expected(rows)
+        assert live.read(ids) == expected(rows, datetime.timestamp)
 
         again = push(wh, spec, live.crm, None, client=live.client, policy=policy, run_id="run-2")
         assert again["candidates"] == 0 and again["api_calls"] == 1  # the schema read, nothing written
@@ -207,7 +195,7 @@ def test_round_trip_lands_exactly_reruns_idle_and_cleans_up(live: LiveCrm, tmp_p
         assert (third["candidates"], third["updated"], third["failed"]) == (2, 2, 0)
         assert third["api_calls"] == 2  # the schema read and one batch of 2
         assert _apis(wh, "run-3") == {"collections" if live.crm == "salesforce" else "batch"}
-        assert live.read(ids) == _expected(changed)
+        assert live.read(ids) == expected(changed, datetime.timestamp)
         state = wh.query(
             "SELECT count(*) AS n FROM opsloop_meta._sync_state WHERE destination = $d", {"d": destination}
         ).to_pylist()
