@@ -85,13 +85,16 @@ class LiveCrm:
             for i in ids:
                 self.client.Contact.upsert(f"Customer_Id__c/{i}", {"LastName": f"opsloop live test {i}"})
 
-    def read(self, ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        """(churn risk, next action, bucket, scored-at epoch seconds) per id found."""
+    def _found(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The test's records the CRM holds, looked up by the external id: ``id`` (the CRM's), ``key``
+        (ours) and the four AI fields in the order of :data:`SF_FIELDS` / :data:`HS_PROPS`."""
         if self.crm == "salesforce":
             quoted = ", ".join(f"'{i}'" for i in ids)
             soql = f"SELECT Id, Customer_Id__c, {', '.join(SF_FIELDS)} FROM Contact WHERE Customer_Id__c IN ({quoted})"
-            rows = self.client.query_all(soql)["records"]
-            return {r["Customer_Id__c"]: _values(*(r[f] for f in SF_FIELDS)) for r in rows}
+            return [
+                {"id": r["Id"], "key": r["Customer_Id__c"], "values": [r[f] for f in SF_FIELDS]}
+                for r in self.client.query_all(soql)["records"]
+            ]
         from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId
 
         batch = self.client.crm.contacts.batch_api.read(
@@ -99,21 +102,19 @@ class LiveCrm:
                 id_property="customer_id", inputs=[{"id": i} for i in ids], properties=["customer_id", *HS_PROPS]
             )
         )
-        return {r.properties["customer_id"]: _values(*(r.properties.get(p) for p in HS_PROPS)) for r in batch.results}
+        return [
+            {"id": r.id, "key": r.properties["customer_id"], "values": [r.properties.get(p) for p in HS_PROPS]}
+            for r in batch.results
+        ]
+
+    def read(self, ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """(churn risk, next action, bucket, scored-at epoch seconds) per id found."""
+        return {r["key"]: _values(*r["values"]) for r in self._found(ids)}
 
     def cleanup(self, ids: list[str]) -> None:
-        if self.crm == "salesforce":
-            quoted = ", ".join(f"'{i}'" for i in ids)
-            for r in self.client.query_all(f"SELECT Id FROM Contact WHERE Customer_Id__c IN ({quoted})")["records"]:
-                self.client.Contact.delete(r["Id"])
-            return
-        from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId
-
-        found = self.client.crm.contacts.batch_api.read(
-            BatchReadInputSimplePublicObjectId(id_property="customer_id", inputs=[{"id": i} for i in ids])
-        )
-        for r in found.results:
-            self.client.crm.contacts.basic_api.archive(r.id)
+        delete = self.client.Contact.delete if self.crm == "salesforce" else self.client.crm.contacts.basic_api.archive
+        for r in self._found(ids):
+            delete(r["id"])
 
 
 def _values(risk: Any, action: Any, bucket: Any, scored: Any) -> tuple[Any, ...]:
