@@ -148,7 +148,7 @@ def _limit_headers(sb: Sandbox, vendor: str, remaining: int) -> dict[str, str]:
     if ten > 0:
         out.update(
             {
-                "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+                "X-HubSpot-RateLimit-Interval-Milliseconds": str(round(sb.rate_window() * 1000)),
                 "X-HubSpot-RateLimit-Max": str(ten),
                 "X-HubSpot-RateLimit-Remaining": str(max(0, remaining)),
             }
@@ -239,7 +239,9 @@ async def _guarded(
                 "groupName": "sandbox-app",
                 "category": "RATE_LIMITS",
             }
-            return json_response(body, 429, {"Retry-After": str(max(1, math.ceil(wait)))}), False, 0
+            send_after = sb.settings.get("hubspot_retry_after", True)
+            after = {"Retry-After": str(max(1, math.ceil(wait)))} if send_after else {}
+            return json_response(body, 429, after), False, 0
     try:
         resp = await route.handler(sb, request, **params)
     except BadRequest as exc:

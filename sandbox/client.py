@@ -71,9 +71,12 @@ class SandboxClient:
             body["used"] = used
         return dict(self._call("POST", "budget", body))
 
-    def rate_limit(self, ten_second_limit: int) -> None:
-        """HubSpot requests allowed per rolling 10 s (0 = unlimited)."""
-        self._call("POST", "rate_limit", {"ten_second_limit": ten_second_limit})
+    def rate_limit(self, ten_second_limit: int, window_ms: int | None = None, retry_after: bool | None = None) -> None:
+        """HubSpot requests allowed per rolling window (0 = unlimited); ``window_ms`` shortens the
+        window (HubSpot's is 10 s; the answers' ``X-HubSpot-RateLimit-Interval-Milliseconds`` says
+        it); ``retry_after=False`` answers its 429s without ``Retry-After``, as HubSpot may."""
+        body = {"ten_second_limit": ten_second_limit, "window_ms": window_ms, "retry_after": retry_after}
+        self._call("POST", "rate_limit", body)
 
     # -- data ----------------------------------------------------------------------------------
     def seed(

@@ -2,7 +2,8 @@
 
 GET  health | settings | requests[?log=N&vendor=] | records?vendor&object[&limit&offset&include_deleted]
      | schema?vendor&object | faults | record_failures | jobs
-POST reset | settings {…} | budget {vendor, daily_limit?, used?} | rate_limit {ten_second_limit}
+POST reset | settings {…} | budget {vendor, daily_limit?, used?}
+     | rate_limit {ten_second_limit, window_ms?, retry_after?}
      | seed {vendor, object, count, start?, fields?, modstamp?, step_ms?}
      | records {vendor, object, records:[…]} (load as-is, system fields allowed)
      | delete {vendor, object, ids, hard?} | schema {vendor, object, fields:[…], drop:[…]}
@@ -164,7 +165,12 @@ async def _dispatch(sb: Sandbox, req: Request) -> Response:
         return json_response({"used": sb.usage(vendor), "limit": sb.daily_limit(vendor)})
     if action == "rate_limit" and method == "POST":
         sb.window.clear()
-        return json_response(sb.update_settings({"hubspot_ten_second_limit": int(body["ten_second_limit"])}))
+        changes: dict[str, Any] = {"hubspot_ten_second_limit": int(body["ten_second_limit"])}
+        if body.get("window_ms") is not None:
+            changes["hubspot_rate_window_ms"] = int(body["window_ms"])
+        if body.get("retry_after") is not None:
+            changes["hubspot_retry_after"] = bool(body["retry_after"])
+        return json_response(sb.update_settings(changes))
     if action == "requests":
         out: dict[str, Any] = {
             v: {**sb.counters[v], "api_usage": sb.usage(v), "daily_limit": sb.daily_limit(v)}

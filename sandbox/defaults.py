@@ -167,6 +167,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "salesforce_daily_limit": 100_000,
     "hubspot_daily_limit": 250_000,
     "hubspot_ten_second_limit": 190,
+    # the rolling window's length (X-HubSpot-RateLimit-Interval-Milliseconds): HubSpot's is 10 s; tests shorten it
+    "hubspot_rate_window_ms": 10_000,
+    # Retry-After on a TEN_SECONDLY_ROLLING 429: no HubSpot document says it is sent (the CRM wire contract)
+    "hubspot_retry_after": True,
     "bulk_inprogress_polls": 1,
     "query_batch_size": 2000,
     "salesforce_tokens": ["00DSANDBOX!sandbox-session"],

@@ -210,16 +210,21 @@ class Sandbox:
         self.log.append(entry)
 
     # -- HubSpot ten-secondly window -----------------------------------------------------------
+    def rate_window(self) -> float:
+        """The rolling window's length in seconds (HubSpot: 10)."""
+        return int(self.settings.get("hubspot_rate_window_ms") or 10_000) / 1000
+
     def admit(self) -> tuple[bool, int, float]:
         """(admitted?, remaining in window, seconds until a slot frees) for one HubSpot request."""
         limit = int(self.settings.get("hubspot_ten_second_limit") or 0)
+        span = self.rate_window()
         now = time.monotonic()
-        while self.window and now - self.window[0] >= 10.0:
+        while self.window and now - self.window[0] >= span:
             self.window.popleft()
         if limit <= 0:
             return True, -1, 0.0
         if len(self.window) >= limit:
-            return False, 0, 10.0 - (now - self.window[0])
+            return False, 0, span - (now - self.window[0])
         self.window.append(now)
         return True, limit - len(self.window), 0.0
 

@@ -126,6 +126,20 @@ def test_ten_secondly_rate_limit_429(crm_sandbox: SandboxClient, hs_client: Any)
     assert counts["status"]["429"] == 1
 
 
+def test_rate_window_length_and_429_without_retry_after(crm_sandbox: SandboxClient, hs_client: Any) -> None:
+    crm_sandbox.rate_limit(2, window_ms=500, retry_after=False)
+    api = hs_client.crm.contacts.basic_api
+    _data, _status, headers = api.get_page_with_http_info(limit=1)
+    assert headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "500"
+    assert (headers["X-HubSpot-RateLimit-Max"], headers["X-HubSpot-RateLimit-Remaining"]) == ("2", "1")
+    api.get_page(limit=1)
+    with pytest.raises(Exception) as info:
+        api.get_page(limit=1)
+    assert info.value.status == 429 and "Retry-After" not in info.value.headers
+    time.sleep(0.55)  # the window rolled on
+    assert api.get_page_with_http_info(limit=1)[1] == 200
+
+
 def test_daily_limit_and_headers(crm_sandbox: SandboxClient, hs_client: Any) -> None:
     _data, status, headers = hs_client.crm.contacts.basic_api.get_page_with_http_info(limit=1)
     assert status == 200 and int(headers["X-HubSpot-RateLimit-Daily-Remaining"]) == 250_000 - 1

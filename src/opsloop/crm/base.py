@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 import pyarrow as pa
 
+from opsloop.crm.pacing import WindowPacer
 from opsloop.crm.retry import RetryPolicy, RetryStats
 
 FieldKind = Literal["number", "enumeration", "string", "datetime", "bool"]
@@ -146,6 +147,7 @@ class CrmSink(Protocol):
     external_id_field: str
     stats: RetryStats
     budget: Budget
+    pacer: WindowPacer
     call_budget: int | None
 
     def ensure_schema(self, fields: list[FieldSpec], values: dict[str, set[str]], create: bool) -> SchemaCheck: ...
@@ -168,6 +170,7 @@ class SinkBase:
         self.policy = policy or RetryPolicy()
         self.stats = RetryStats()
         self.budget = Budget()
+        self.pacer = WindowPacer()  # idle until a vendor announces a request window (HubSpot does)
         self.call_budget: int | None = None
 
     def pipelined(

@@ -5,7 +5,8 @@ known value sets such as next best action, ``datetime``, ``string``); an enumera
 value being pushed gets the option added first. The unique id property is created with
 ``hasUniqueValue``. A 207 answer's ``errors[]`` become per-record failures; a 400 for the whole
 batch is terminal with HubSpot's message. HubSpot answers ``None`` for an unexpected 2xx — that is
-treated as an error, never as success.
+treated as an error, never as success. Every call is paced under the app's ten-secondly limit, as
+its answers announce it (:mod:`opsloop.crm.pacing`).
 """
 
 from __future__ import annotations
@@ -94,10 +95,18 @@ class HubSpotSink(SinkBase):
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], tuple[Any, int, Any]], what: str) -> Any:
-        """Call a ``*_with_http_info`` method; note the daily-limit headers; return the data."""
+        """Call a ``*_with_http_info`` method, paced under the rolling window (every attempt); note
+        the window and the daily-limit headers; return the data."""
         self.claim_call()
+
+        def attempt() -> tuple[Any, int, Any]:
+            self.pacer.wait()
+            answer = fn()
+            self.pacer.observe(answer[2])
+            return answer
+
         data, status, headers = call_with_retry(
-            fn,
+            attempt,
             classify_hubspot,
             what=what,
             block=self.block,

@@ -352,6 +352,7 @@ def _finish(
     report.update(
         api_calls=sink.stats.calls,
         api_retries=sink.stats.retries,
+        api_paced_s=round(sink.pacer.paced, 3),
         api_used=sink.budget.used,
         api_limit=sink.budget.limit,
         api_left=sink.budget.left,
