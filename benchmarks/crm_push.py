@@ -115,7 +115,10 @@ def _measure(sandbox_proc: Any, fn: Any) -> dict[str, Any]:
     return out
 
 
-def _opsloop(wh: Any, spec_dir: Path, crm: str, sbx: Any, sproc: Any, bulk: int, run: str) -> dict[str, Any]:
+def _opsloop(
+    wh: Any, spec_dir: Path, crm: str, sbx: Any, sproc: Any, bulk: int, run: str, tune: Any = None
+) -> dict[str, Any]:
+    """One push through ``push_destination``; ``tune(sink)`` may adjust the sink first."""
     from opsloop.crm.clients import hubspot_client, salesforce_client
     from opsloop.crm.runner import RunOptions, diff_options, make_sink, push_destination
     from opsloop.spec import load_spec
@@ -130,12 +133,15 @@ def _opsloop(wh: Any, spec_dir: Path, crm: str, sbx: Any, sproc: Any, bulk: int,
         else hubspot_client(sbx.hubspot_token, sbx.url)
     )
     sink = make_sink(dest, client, str(dest.connection), spec)
+    if tune is not None:
+        tune(sink)
     opts = RunOptions(run_id=run) if FLUSH_ROWS is None else RunOptions(run_id=run, flush_rows=FLUSH_ROWS)
     before = sbx.requests()[crm]["requests"]
 
     def push() -> dict[str, Any]:
         rep = push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
-        return {"records": rep["pushed"], "candidates": rep["candidates"], "status": rep["status"]}
+        keep = ("candidates", "status", "api_retries", "api_paced_s")
+        return {"records": rep["pushed"], **{k: rep.get(k) for k in keep}}
 
     out = _measure(sproc, push)
     out["calls"] = sbx.requests()[crm]["requests"] - before

@@ -5,8 +5,8 @@ guidelines, as the CRM wire contract quotes them). Every answer says so in ``X-H
 ``-Interval-Milliseconds``. A push with requests in flight on several threads can send more than
 that. Retrying the 429s does deliver every record, but each 429 is an error response: HubSpot asks
 that errors stay under 5 % of an app's requests. HubSpot is not documented to send ``Retry-After``,
-so the retries also back off blindly. A 20k-record push at 100 per 10 s to the sandbox without
-``Retry-After`` took 35 s with 30 answers of 429. Paced, it took 20.6 s with none.
+so the retries also back off blindly (``benchmarks/crm_pacing.py`` measures both ways; figures in
+docs/benchmarks.md).
 
 :class:`WindowPacer` keeps the times of this client's own requests. Before each request it waits
 until one more fits the window the last answer announced. What others had spent of the window when
