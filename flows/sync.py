@@ -25,6 +25,7 @@ COLUMNS = (
     "deferred",
     "api_calls",
     "api_left",
+    "api_paced_s",  # seconds the push waited to keep under the CRM's rolling window (HubSpot)
 )
 
 

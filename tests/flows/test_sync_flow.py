@@ -80,6 +80,8 @@ def test_sync_flow_pushes_both_crms_with_artifacts(sync_setup: dict[str, Any], c
     assert actual_sf(crm_sandbox) == expected_sf(rows) and actual_hs(crm_sandbox) == expected_hs(rows)
     md = _artifact("sync-summary").data
     assert "| salesforce.Contact | completed | 2500 | 2500 |" in md
+    assert md.splitlines()[2].endswith("| api_calls | api_left | api_paced_s |")  # 31 calls: nothing to wait for
+    assert [d["api_paced_s"] for d in out["destinations"]] == [0.0, 0.0]
     table = _artifact("sync-destinations")
     assert "hubspot.contacts" in str(table.data)
     again = _run(spec_path=sync_setup["spec"], warehouse=sync_setup["warehouse"], destination="hubspot").result()
