@@ -55,6 +55,17 @@ def test_the_request_after_the_limit_waits_for_the_oldest_to_leave_the_window() 
     assert pacer.wait() == 0.0  # a quiet minute: the window is empty again
 
 
+def test_a_request_counts_for_the_window_plus_the_margin() -> None:
+    """The vendor counts a request from its arrival, a little after it was sent: just past one
+    window after the oldest send, that one still counts."""
+    clock = FakeClock()
+    pacer = WindowPacer(limit=3, window=10.0, clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        pacer.wait()  # all at 100
+    clock.now = 100 + 10 + 10 * MARGIN_SHARE / 2
+    assert pacer.wait() > 0 and abs(clock.now - (100 + 10 * (1 + MARGIN_SHARE))) < 1e-9
+
+
 def test_requests_others_spent_before_the_first_answer_are_waited_out() -> None:
     clock = FakeClock()
     pacer = _pacer(clock)

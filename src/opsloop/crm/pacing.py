@@ -93,13 +93,14 @@ class WindowPacer:
         limit, window = self.limit, self.window
         if not limit or not window:
             return 0.0
+        span = window * (1 + MARGIN_SHARE)  # a request counts for this long after it was sent
         sent = self._sent
-        while sent and sent[0] <= now - window:
+        while sent and sent[0] <= now - span:
             sent.popleft()
         if len(sent) < limit:
             return 0.0
         # the request `limit` places back must leave the window first
-        return max(0.0, sent[len(sent) - limit] + window * (1 + MARGIN_SHARE) - now)
+        return max(0.0, sent[len(sent) - limit] + span - now)
 
     def wait(self) -> float:
         """Block until one more request fits, record it as sent now, and return the seconds waited.
