@@ -85,29 +85,37 @@ class WindowPacer:
             left = _count(headers.get(REMAINING_HEADER))
             if first and left is not None:
                 now = self._clock()
-                self.delay(now)  # drops the requests that left the window
+                self._trim(now)
                 self._sent.extend([now] * max(0, limit - left - len(self._sent)))
 
-    def delay(self, now: float) -> float:
-        """Seconds until one more request fits the window at ``now`` (call under the lock)."""
-        limit, window = self.limit, self.window
-        if not limit or not window:
-            return 0.0
-        span = window * (1 + MARGIN_SHARE)  # a request counts for this long after it was sent
-        sent = self._sent
-        while sent and sent[0] <= now - span:
+    def _span(self) -> float:
+        """How long a request counts after it was sent: the window plus the margin."""
+        return (self.window or 0.0) * (1 + MARGIN_SHARE)
+
+    def _trim(self, now: float) -> None:
+        """Forget the requests that no longer count at ``now`` (under the lock)."""
+        sent, oldest = self._sent, now - self._span()
+        while sent and sent[0] <= oldest:
             sent.popleft()
+
+    def _delay(self, now: float) -> float:
+        """Seconds until one more request fits the window at ``now`` (under the lock)."""
+        limit = self.limit
+        if not limit or not self.window:
+            return 0.0
+        self._trim(now)
+        sent = self._sent
         if len(sent) < limit:
             return 0.0
         # the request `limit` places back must leave the window first
-        return max(0.0, sent[len(sent) - limit] + span - now)
+        return max(0.0, sent[len(sent) - limit] + self._span() - now)
 
     def wait(self) -> float:
         """Block until one more request fits, record it as sent now, and return the seconds waited.
         Other threads queue on the lock meanwhile: they would have to wait as long anyway."""
         with self._lock:
             now = self._clock()
-            pause = self.delay(now)
+            pause = self._delay(now)
             if pause > 0:
                 self._sleep(pause)
                 self.paced += pause
