@@ -11,13 +11,16 @@ its answers announce it (:mod:`opsloop.crm.pacing`).
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import orjson
 import pyarrow as pa
+import urllib3
 
 from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rechunk
 from opsloop.crm.clients import classify_hubspot, hubspot_timeout
@@ -48,19 +51,75 @@ def _values(col: pa.Array | pa.ChunkedArray) -> list[Any]:
 
 
 class _JsonReady(dict[str, Any]):
-    """A request body already made of JSON types (str, float, None, lists, dicts): the client's
+    """A request body already made of JSON types (str, float, None, lists, dicts). The client's
     model walk (``sanitize_for_serialization``, a recursive call per value — a fifth of a batch
-    call's client CPU) is skipped for it; the client still ``json.dumps`` it and sends it."""
+    call's client CPU) is skipped for it, and it is encoded by orjson instead of ``json.dumps``
+    (8 against 120-130 µs for 100 records; compact UTF-8 instead of ASCII escapes, the same JSON)."""
 
 
-def _skip_walk_for_ready(api_client: Any) -> None:
-    """Let ``api_client`` pass :class:`_JsonReady` bodies through unchanged (this instance only)."""
+def _pass_ready_bodies(api_client: Any) -> None:
+    """Let ``api_client`` (this instance only) send :class:`_JsonReady` bodies as they are: no
+    model walk, and orjson bytes handed to the client's own urllib3 pool. Everything else — other
+    bodies, or one orjson refuses — takes the library's path unchanged. A non-2xx answer raises the
+    library's own exception for its status (what ``RESTClientObject.request`` raises)."""
     walk = api_client.sanitize_for_serialization
 
     def sanitize(obj: Any) -> Any:
         return obj if isinstance(obj, _JsonReady) else walk(obj)
 
     api_client.sanitize_for_serialization = sanitize
+    rest = api_client.rest_client
+    library_request = rest.request
+    rest_module = importlib.import_module(type(rest).__module__)  # e.g. hubspot.crm.objects.rest
+    errors = importlib.import_module(rest_module.__name__.rsplit(".", 1)[0] + ".exceptions")
+
+    def request(
+        method: str,
+        url: str,
+        query_params: Any = None,
+        headers: Any = None,
+        body: Any = None,
+        post_params: Any = None,
+        _preload_content: bool = True,
+        _request_timeout: Any = None,
+    ) -> Any:
+        encoded = None
+        if isinstance(body, _JsonReady) and not post_params:
+            try:
+                encoded = orjson.dumps(body)
+            except TypeError:
+                encoded = None  # the library's json.dumps decides (and words the error)
+        if encoded is None:
+            return library_request(
+                method, url, query_params, headers, body, post_params, _preload_content, _request_timeout
+            )
+        headers = dict(headers or {})
+        headers.setdefault("Content-Type", "application/json")
+        if query_params:
+            url += "?" + urlencode(query_params)
+        t = _request_timeout
+        timeout = (
+            urllib3.Timeout(connect=t[0], read=t[1])
+            if isinstance(t, tuple)
+            else urllib3.Timeout(total=t)
+            if t
+            else None
+        )
+        try:
+            r = rest.pool_manager.request(
+                method.upper(), url, body=encoded, preload_content=_preload_content, timeout=timeout, headers=headers
+            )
+        except urllib3.exceptions.SSLError as exc:
+            raise errors.ApiException(status=0, reason=f"{type(exc).__name__}\n{exc}") from exc
+        if _preload_content:
+            r = rest_module.RESTResponse(r)
+        if not 200 <= r.status <= 299:
+            known = {401: errors.UnauthorizedException, 403: errors.ForbiddenException, 404: errors.NotFoundException}
+            other = errors.ServiceException if 500 <= r.status <= 599 else errors.ApiException
+            raise known.get(r.status, other)(http_resp=r)
+        return r
+
+    rest.request = request
 
 
 def _label(name: str) -> str:
@@ -83,7 +142,7 @@ class HubSpotSink(SinkBase):
     ) -> None:
         super().__init__(block, obj, id_property, policy)
         self.batch_api = client.crm.objects.batch_api  # built once: every access builds a new ApiClient
-        _skip_walk_for_ready(self.batch_api.api_client)
+        _pass_ready_bodies(self.batch_api.api_client)
         self.properties_api = client.crm.properties.core_api
         self.timeout = hubspot_timeout(client)
         self.group_name = group_name or {
