@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+GRACE_S = 2  # seconds a stopping sandbox gives requests in flight
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
@@ -54,8 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_threshold(50_000, 20, 20)
     if args.tls_cert and args.tls_key:
         tls = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)}
+    # On SIGTERM, uvicorn closes idle keep-alive connections and waits for them to go. A TLS close
+    # waits for the peer's close_notify, which a client holding a pooled connection never sends, so
+    # a TLS sandbox waited until its parent killed it (10 s in SandboxServer.stop) and skipped the
+    # lifespan shutdown that flushes its state. Requests in flight get GRACE_S to finish.
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_keep_alive=30, **tls
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=GRACE_S,
+        **tls,
     )
 
 

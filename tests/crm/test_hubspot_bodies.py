@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pytest
 from hubspot.crm.objects import exceptions as hs_errors
 from hubspot.crm.objects import rest as hs_rest
@@ -15,6 +16,7 @@ from hubspot.crm.objects import rest as hs_rest
 from opsloop.crm.base import FieldSpec
 from opsloop.crm.clients import hubspot_client
 from opsloop.crm.hubspot import HubSpotSink, _JsonReady
+from opsloop.errors import TerminalError
 from opsloop.warehouse.duckdb import DuckDBAdapter
 from sandbox.client import SandboxClient
 from tests.crm.helpers import actual_hs, expected_hs, predictions, push, write_predictions, write_spec
@@ -51,6 +53,10 @@ def _body(*ids: str, risk: Any = 0.5) -> _JsonReady:
     return _JsonReady(
         inputs=[{"idProperty": "customer_id", "id": i, "properties": {"ai_churn_risk": risk}} for i in ids]
     )
+
+
+def _table(n: int) -> pa.Table:
+    return pa.table({"external_id": [f"C{i}" for i in range(1, n + 1)]})
 
 
 def test_a_push_encodes_its_batches_without_the_librarys_json(
@@ -102,3 +108,20 @@ def test_an_error_answer_raises_the_librarys_exception(
     exc: Any = caught.value
     assert type(exc) is error and exc.status == status
     assert json.loads(exc.body)["message"] == f"injected {status}" and exc.headers["X-Test"] == "1"
+
+
+def test_the_encoded_bodies_use_the_clients_tls_settings(crm_sandbox_tls: SandboxClient) -> None:
+    trusted = HubSpotSink(
+        hubspot_client(crm_sandbox_tls.hubspot_token, crm_sandbox_tls.url, verify=str(crm_sandbox_tls.http.verify)),
+        "blk",
+        "contacts",
+        "customer_id",
+    )
+    trusted.ensure_schema([FieldSpec("risk", "ai_churn_risk", "number")], {}, create=True)
+    data = trusted._send(_table(3), _body("C1", "C2", "C3"))
+    assert [r["properties"]["customer_id"] for r in data["results"]] == ["C1", "C2", "C3"]
+    # a client that does not trust the sandbox's certificate: the same pool refuses the handshake
+    untrusted = HubSpotSink(hubspot_client(crm_sandbox_tls.hubspot_token, crm_sandbox_tls.url), "blk", "contacts", "id")
+    with pytest.raises(TerminalError, match="TLS_ERROR"):
+        untrusted._send(_table(1), _body("C4"))
+    assert crm_sandbox_tls.requests()["hubspot"]["routes"]["hs.batch_upsert"] == 1

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from simple_salesforce.exceptions import (
 )
 
 from opsloop.crm.clients import salesforce_client
-from sandbox.client import SandboxClient
+from sandbox.client import SandboxClient, SandboxServer
 
 
 def test_query_pagination_and_watermark(crm_sandbox: SandboxClient, sf_client: Any) -> None:
@@ -178,6 +181,25 @@ def test_tls_with_generated_certificate(crm_sandbox_tls: SandboxClient) -> None:
         crm_sandbox_tls.url, crm_sandbox_tls.salesforce_token, verify=str(crm_sandbox_tls.http.verify)
     )
     assert sf.query("SELECT Id FROM Contact")["totalSize"] == 3
+
+
+def test_a_tls_sandbox_stops_cleanly_while_a_client_holds_a_connection(tmp_path: Path) -> None:
+    """An idle TLS keep-alive connection used to hold the server until SandboxServer.stop killed it
+    (10 s, and the state flush on shutdown skipped)."""
+    server = SandboxServer.start(tmp_path / "state", tls=True)
+    try:
+        sbx = server.client()
+        sbx.seed("salesforce", "Contact", 2)
+        sf = salesforce_client(sbx.url, sbx.salesforce_token, verify=str(sbx.http.verify))
+        assert sf.query("SELECT Id FROM Contact")["totalSize"] == 2  # its pooled connection stays open
+        started = time.monotonic()
+        server.stop()
+        # uvicorn re-raises the SIGTERM once shut down; a kill would be -SIGKILL
+        assert server.process.returncode == -signal.SIGTERM and time.monotonic() - started < 5
+        server.restart()
+        assert server.client().requests()["salesforce"]["api_usage"] == 1
+    finally:
+        server.stop()
 
 
 def test_state_survives_restart(crm_sandbox_server: Any, crm_sandbox: SandboxClient, sf_client: Any) -> None:
