@@ -107,6 +107,13 @@ def predictions(n: int, version: str = "1", seed: int = 1, start: int = 1) -> li
     return rows
 
 
+def staged(wh: Warehouse, tmp: Path, n: int, **spec: Any) -> tuple[PipelineSpec, list[dict[str, Any]]]:
+    """A spec (:func:`write_spec` with ``spec``) and ``n`` fresh predictions written to the warehouse."""
+    rows = predictions(n)
+    write_predictions(wh, rows)
+    return write_spec(tmp, **spec), rows
+
+
 def write_predictions(wh: Warehouse, rows: list[dict[str, Any]]) -> None:
     wh.ensure_dataset(PRED.dataset)
     wh.drop_table(PRED)

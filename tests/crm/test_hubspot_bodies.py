@@ -19,7 +19,7 @@ from opsloop.crm.hubspot import HubSpotSink, _JsonReady
 from opsloop.errors import TerminalError
 from opsloop.warehouse.duckdb import DuckDBAdapter
 from sandbox.client import SandboxClient
-from tests.crm.helpers import actual_hs, expected_hs, predictions, push, write_predictions, write_spec
+from tests.crm.helpers import actual_hs, expected_hs, push, staged
 
 
 class _LibraryJson:
@@ -62,9 +62,7 @@ def _table(n: int) -> pa.Table:
 def test_a_push_encodes_its_batches_without_the_librarys_json(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, library_json: type[_LibraryJson]
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(250)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 250)
     rep = push(wh, spec, "hubspot", crm_sandbox)
     assert rep["created"] == 250 and rep["failed"] == 0
     assert crm_sandbox.requests()["hubspot"]["routes"]["hs.batch_upsert"] == 3

@@ -19,6 +19,7 @@ from tests.crm.helpers import (
     log_counts,
     predictions,
     push,
+    staged,
     sync_state,
     write_predictions,
     write_spec,
@@ -58,9 +59,7 @@ def test_10k_to_salesforce_bulk_lands_exactly_then_zero_writes(
 def test_10k_to_hubspot_lands_exactly_then_zero_writes(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(10_000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 10_000)
     rep = push(wh, spec, "hubspot", crm_sandbox)
     assert rep["created"] == 10_000 and rep["failed"] == 0
     assert sorted(rep["schema"]["created"]) == sorted(
