@@ -85,6 +85,21 @@ def test_a_body_orjson_refuses_takes_the_librarys_path(
     assert library_json.encoded == [_body("C1", risk=huge)]
 
 
+def test_non_ascii_text_arrives_as_sent(crm_sandbox: SandboxClient, library_json: type[_LibraryJson]) -> None:
+    """orjson writes UTF-8 where json.dumps wrote \\u escapes: the same JSON text to a parser."""
+    sink = _sink(crm_sandbox)
+    sink.ensure_schema([FieldSpec("note", "ai_note", "string")], {}, create=True)
+    texts = {"C1": "Relancer Zoë — ligne 2 ✓", "C2": "客户流失风险高 🚨", "C3": 'quote " and \\ backslash'}
+    body = _JsonReady(
+        inputs=[{"idProperty": "customer_id", "id": k, "properties": {"ai_note": v}} for k, v in texts.items()]
+    )
+    assert b"\\u" not in orjson.dumps(body)  # raw UTF-8 on the wire
+    sink._send(_table(3), body)
+    assert library_json.encoded == []
+    held = crm_sandbox.by_key("hubspot", "contacts", "customer_id")
+    assert {k: held[k]["ai_note"] for k in texts} == texts
+
+
 @pytest.mark.parametrize(
     ("status", "error"),
     [
