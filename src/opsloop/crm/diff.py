@@ -269,10 +269,9 @@ def _decide(t: pa.Table, opts: DiffOptions, res: DiffResult, hasher: Hasher = ha
     capped = pc.and_(live, pc.and_(failed_same, pc.greater_equal(attempts, opts.retry_cap)))
     st["capped"] += pc.sum(capped).as_py() or 0
     live = pc.and_(live, pc.invert(capped))
-    prev_payload = t.column("_prev_payload").combine_chunks()
     has_prev = pc.is_valid(prev_hash)  # confirmed before (state rows always carry their hash)
     check = pc.and_(live, pc.and_(has_prev, pc.equal(attempt, 1)))
-    insignificant = _insignificant(t, opts, check, prev_payload, values, bucket)
+    insignificant = _insignificant(t, opts, check, values, bucket)
     st["insignificant"] += pc.sum(insignificant).as_py() or 0
     live = pc.and_(live, pc.invert(insignificant))
     idx = _indices(live)
@@ -346,7 +345,6 @@ def _insignificant(
     t: pa.Table,
     opts: DiffOptions,
     check: pa.Array,
-    prev_payload: pa.Array,
     values: dict[str, pa.Array],
     bucket: pa.Array,
 ) -> pa.Array:
@@ -361,7 +359,7 @@ def _insignificant(
     if idx:
         score_fields = {f.crm_name for f in opts.fields if f.column in opts.score_columns}
         take = pa.array(idx, pa.int64())
-        prevs = prev_payload.take(take).to_pylist()
+        prevs = t.column("_prev_payload").combine_chunks().take(take).to_pylist()
         buckets = bucket.take(take).to_pylist()
         prev_buckets = t.column("_prev_bucket").combine_chunks().take(take).to_pylist()
         for i, payload, prev, b, pb in zip(idx, payload_rows(values, idx), prevs, buckets, prev_buckets, strict=True):

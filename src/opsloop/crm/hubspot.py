@@ -11,6 +11,7 @@ its answers announce it (:mod:`opsloop.crm.pacing`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import time
@@ -85,10 +86,8 @@ def _pass_ready_bodies(api_client: Any) -> None:
     ) -> Any:
         encoded = None
         if isinstance(body, _JsonReady) and not post_params:
-            try:
+            with contextlib.suppress(TypeError):  # refused: the library's json.dumps decides (and words the error)
                 encoded = orjson.dumps(body)
-            except TypeError:
-                encoded = None  # the library's json.dumps decides (and words the error)
         if encoded is None:
             return library_request(
                 method, url, query_params, headers, body, post_params, _preload_content, _request_timeout
