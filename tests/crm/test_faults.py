@@ -29,9 +29,9 @@ from tests.crm.helpers import (
     log_counts,
     predictions,
     push,
+    staged,
     sync_state,
     write_predictions,
-    write_spec,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,9 +53,7 @@ def _ok_calls(sbx: SandboxClient, route: str) -> int:
 def test_hubspot_429_storm_and_5xx_burst_deliver_every_record_once(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(3000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 3000)
     storm = {"status": "error", "errorType": "RATE_LIMIT", "policyName": "TEN_SECONDLY_ROLLING"}
     crm_sandbox.fault(
         "/batch/upsert", method="POST", status=429, body=storm, headers={"Retry-After": "0"}, count=6, skip=5
@@ -72,9 +70,7 @@ def test_hubspot_429_storm_and_5xx_burst_deliver_every_record_once(
 def test_salesforce_5xx_burst_and_failed_bulk_polls(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path, bulk=1000)
-    rows = predictions(900)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 900, bulk=1000)
     crm_sandbox.seed("salesforce", "Contact", 3000)
     crm_sandbox.fault("/composite/sobjects", method="PATCH", status=503, count=3, skip=1)
     crm_sandbox.fault("/composite/sobjects", method="PATCH", status=429, headers={"Retry-After": "0"}, count=2, skip=2)
@@ -96,9 +92,7 @@ def test_salesforce_5xx_burst_and_failed_bulk_polls(
 def test_push_paces_itself_under_the_rate_window(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
     """8 requests per rolling 1 s window, 429s without Retry-After (HubSpot is not documented to send
     it): the push keeps under the window its answers announce, so it is never refused."""
-    spec = write_spec(tmp_path)
-    rows = predictions(2000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 2000)
     crm_sandbox.rate_limit(8, window_ms=1000, retry_after=False)
     started = time.monotonic()
     rep = push(wh, spec, "hubspot", crm_sandbox)
@@ -118,9 +112,7 @@ def test_a_window_another_client_spent_is_waited_out(
     """Another client of the same app spent the window (8 of 8), or most of it (6 of 8), before the
     push. All spent: the push's first call is refused and waits the Retry-After. Partly spent: the
     first answer's X-HubSpot-RateLimit-Remaining tells the pacer, and nothing is refused."""
-    spec = write_spec(tmp_path)
-    rows = predictions(300)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 300)
     crm_sandbox.rate_limit(8, window_ms=2000, retry_after=True)
     for _ in range(spent):
         hs_client.crm.contacts.basic_api.get_page(limit=1)
@@ -196,9 +188,7 @@ def _child(wh: DuckDBAdapter, tmp_path: Path, crm: str, sbx: SandboxClient, faul
 def test_killed_mid_push_then_rerun_is_exact(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, crm: str
 ) -> None:
-    spec = write_spec(tmp_path, bulk=100_000)  # Salesforce via Collections: 200 per call
-    rows = predictions(1000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 1000, bulk=100_000)  # Salesforce via Collections: 200 per call
     crm_sandbox.seed("salesforce", "Contact", 1000)
     chunk = 100 if crm == "hubspot" else 200
     assert _child(wh, tmp_path, crm, crm_sandbox, "mid_crm_push:kill:4", flush=2 * chunk) == 137
@@ -213,9 +203,7 @@ def test_killed_mid_push_then_rerun_is_exact(
 
 @pytest.mark.slow
 def test_killed_after_push_before_sync_state(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(600)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 600)
     assert _child(wh, tmp_path, "hubspot", crm_sandbox, "after_push_before_sync_state:kill:2", flush=200) == 137
     assert len(sync_state(wh, "hubspot.contacts")) == 200
     assert log_counts(wh, "killed-run") == {"created": 400}  # the log row of a push always lands first
@@ -231,9 +219,7 @@ def test_killed_after_push_before_sync_state(wh: DuckDBAdapter, tmp_path: Path, 
 def test_injected_error_mid_push_flushes_what_landed(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(500)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 500)
     monkeypatch.setenv("OPSLOOP_FAULT", "mid_crm_push:raise:3")
     with pytest.raises(InjectedFault):
         push(wh, spec, "hubspot", crm_sandbox)
@@ -250,9 +236,7 @@ def test_injected_error_mid_push_flushes_what_landed(
 def test_background_flush_failure_stops_the_push_and_nothing_is_lost(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(800)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 800)
     threads: list[str] = []
     flush = SyncTables.flush
 
@@ -286,9 +270,7 @@ def test_flushes_shrink_toward_the_end_and_run_on_one_duckdb_thread_beside_the_p
     threads and the CRM need the cores), the last one — nothing else running — on all of them."""
     from opsloop.crm import runner
 
-    spec = write_spec(tmp_path)
-    rows = predictions(1000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 1000)
     monkeypatch.setattr(runner, "TAIL_FLUSH_ROWS", 100)
     seen: list[tuple[str, int, int]] = []
     flush = SyncTables.flush

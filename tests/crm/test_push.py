@@ -39,9 +39,7 @@ def _writes(sbx: SandboxClient, vendor: str) -> int:
 def test_10k_to_salesforce_bulk_lands_exactly_then_zero_writes(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(10_000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 10_000)
     crm_sandbox.seed("salesforce", "Contact", 10_000)
     rep = push(wh, spec, "salesforce", crm_sandbox)
     assert rep["status"] == "completed" and rep["updated"] == 10_000 and rep["failed"] == 0
@@ -78,9 +76,7 @@ def test_10k_to_hubspot_lands_exactly_then_zero_writes(
 def test_collections_below_threshold_and_only_changes_are_pushed(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(450)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 450)
     crm_sandbox.seed("salesforce", "Contact", 450)
     rep = push(wh, spec, "salesforce", crm_sandbox)
     assert rep["updated"] == 450 and crm_sandbox.requests()["salesforce"]["routes"]["sf.collections_upsert"] == 3
@@ -95,9 +91,7 @@ def test_collections_below_threshold_and_only_changes_are_pushed(
 
 
 def test_significance_rule_skips_jitter(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
-    spec = write_spec(tmp_path, delta=0.05)
-    rows = predictions(200)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 200, delta=0.05)
     push(wh, spec, "hubspot", crm_sandbox)
     jitter = [dict(r) for r in rows]
     for r in jitter:
@@ -121,9 +115,7 @@ def test_without_min_delta_a_confirmed_record_is_known_by_its_hash_alone(
 ) -> None:
     """minDelta 0: the diff reads no confirmed payloads (the widest state column); a changed hash is a
     changed record, and a record with a state row counts as changed, not new."""
-    spec = write_spec(tmp_path)
-    rows = predictions(40)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 40)
     assert push(wh, spec, "hubspot", crm_sandbox)["created"] == 40
     with wh.connect() as con:  # the stored payloads are not what the diff decides on
         con.execute("UPDATE opsloop_meta._sync_state SET payload = NULL")
@@ -140,9 +132,7 @@ def test_without_min_delta_a_confirmed_record_is_known_by_its_hash_alone(
 def test_hubspot_207_partial_failure_then_only_failed_are_retried(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(300)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 300)
     bad = [rows[5]["customer_id"], rows[150]["customer_id"], rows[299]["customer_id"]]
     crm_sandbox.fail_records(
         "hubspot",
@@ -174,9 +164,7 @@ def test_hubspot_207_partial_failure_then_only_failed_are_retried(
 def test_bulk_failed_rows_recorded_and_retried_until_cap(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path, bulk=100, cap=2)
-    rows = predictions(250)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 250, bulk=100, cap=2)
     crm_sandbox.seed("salesforce", "Contact", 249)  # the last customer has no Contact: LastName required
     crm_sandbox.fail_records("salesforce", "Contact", "Customer_Id__c", values=[rows[0]["customer_id"]], count=1)
     rep = push(wh, spec, "salesforce", crm_sandbox)
@@ -203,9 +191,7 @@ def test_dry_run_reports_and_writes_nothing(wh: DuckDBAdapter, tmp_path: Path, c
 def test_api_budget_cap_stops_cleanly_and_resumes(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path, share=0.5)
-    rows = predictions(1000)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 1000, share=0.5)
     crm_sandbox.seed("salesforce", "Contact", 1000)
     crm_sandbox.budget("salesforce", daily_limit=8)  # share 0.5 → 4 calls a day: describe + 3 × 200 records
     rep = push(wh, spec, "salesforce", crm_sandbox)
@@ -232,9 +218,7 @@ def test_gate_blocks_push(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: Sandbo
 def test_review_queue_holds_until_released(wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient) -> None:
     import pyarrow as pa
 
-    spec = write_spec(tmp_path, review=True)
-    rows = predictions(20)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 20, review=True)
     review = pa.table(
         {
             "customer_id": [rows[0]["customer_id"], rows[1]["customer_id"], rows[2]["customer_id"]],
@@ -278,9 +262,7 @@ def test_401_fails_fast_naming_the_block(wh: DuckDBAdapter, tmp_path: Path, crm_
 def test_hubspot_enumeration_gains_missing_options(
     wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
 ) -> None:
-    spec = write_spec(tmp_path)
-    rows = predictions(60)
-    write_predictions(wh, rows)
+    spec, rows = staged(wh, tmp_path, 60)
     only_none = [{"label": "none", "value": "none", "displayOrder": 0, "hidden": False}]
     crm_sandbox.add_fields(
         "hubspot",
