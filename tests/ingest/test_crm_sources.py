@@ -141,6 +141,28 @@ def test_hubspot_search_is_throttled(crm_sandbox, hs_client, wh) -> None:
     assert time.monotonic() - started >= 0.6
 
 
+def test_hubspot_source_keeps_under_the_rate_window(wh, crm_sandbox, hs_client) -> None:
+    """Every call of an incremental read — the properties read, the search pages and the archived
+    pages — is paced under the window HubSpot's answers announce (here 5 requests per rolling second,
+    429s without Retry-After), so none is refused and nothing is retried."""
+    crm_sandbox.seed("hubspot", "contacts", 450, modstamp=BASE, step_ms=5)
+    spec = crm_spec("hubspot", "contacts", ["email"])
+    assert _run(wh, spec, _hs(spec, hs_client))["inserted"] == 450
+    gone = [r["id"] for r in crm_sandbox.records("hubspot", "contacts", limit=350)]
+    crm_sandbox.delete("hubspot", "contacts", gone)  # four archived pages of 100
+    crm_sandbox.rate_limit(5, window_ms=1000, retry_after=False)
+    before = crm_sandbox.requests(vendor="hubspot")["hubspot"]["requests"]
+    reader = _hs(spec, hs_client)
+    started = time.monotonic()
+    out = _run(wh, spec, reader, "r2")
+    took = time.monotonic() - started
+    stats = crm_sandbox.requests(vendor="hubspot")["hubspot"]
+    calls = stats["requests"] - before  # the properties read, 1-2 search pages, 4 archived pages
+    assert stats["status"].get("429", 0) == 0 and out["api_retries"] == 0
+    assert out["deleted"] == 350 and _count(wh) == 100
+    assert calls >= 6 and reader.pacer.paced > 0 and took >= calls / 5 - 1  # waited, not refused
+
+
 def test_shipped_spec_crm_contacts_source_loads_all_properties(wh, crm_sandbox, hs_client) -> None:
     from pathlib import Path
 

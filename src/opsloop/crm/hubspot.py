@@ -25,6 +25,7 @@ import urllib3
 
 from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rechunk
 from opsloop.crm.clients import classify_hubspot, hubspot_timeout
+from opsloop.crm.pacing import paced
 from opsloop.crm.payload import VALUE_PREFIX
 from opsloop.crm.retry import RetryPolicy, call_with_retry
 from opsloop.errors import TerminalError
@@ -156,15 +157,8 @@ class HubSpotSink(SinkBase):
         """Call a ``*_with_http_info`` method, paced under the rolling window (every attempt); note
         the window and the daily-limit headers; return the data."""
         self.claim_call()
-
-        def attempt() -> tuple[Any, int, Any]:
-            self.pacer.wait()
-            answer = fn()
-            self.pacer.observe(answer[2])
-            return answer
-
         data, status, headers = call_with_retry(
-            attempt,
+            paced(self.pacer, fn),
             classify_hubspot,
             what=what,
             block=self.block,

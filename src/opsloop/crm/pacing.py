@@ -21,7 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+A = TypeVar("A", bound=tuple[Any, ...])
 
 MAX_HEADER = "X-HubSpot-RateLimit-Max"
 INTERVAL_HEADER = "X-HubSpot-RateLimit-Interval-Milliseconds"
@@ -122,3 +124,17 @@ class WindowPacer:
                 now = self._clock()
             self._sent.append(now)  # also before a window is known: the first answer's request counts too
             return pause
+
+
+def paced(pacer: WindowPacer, call: Callable[[], A]) -> Callable[[], A]:
+    """``call`` (a client's ``*_with_http_info`` method: data, status, headers) as one paced attempt:
+    it waits until the request fits the window, then takes the window its answer announces. Pass
+    the result to the retry loop, so every attempt — retries too — is paced."""
+
+    def attempt() -> A:
+        pacer.wait()
+        answer = call()
+        pacer.observe(answer[2])
+        return answer
+
+    return attempt

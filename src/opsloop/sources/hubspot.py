@@ -5,8 +5,10 @@ most 10,000 results; when a window reaches that cap the next window starts at th
 modification stamp seen (≥, so records sharing that stamp are read again and the MERGE keeps them
 single) — a window that cannot move forward (more than 10,000 records with one stamp) is an error,
 not a silent gap. Archived (deleted) records come from the objects list with ``archived=true``.
-Searches are throttled to the documented 5 requests per second; 429s (with ``Retry-After``) and
-5xx go through the shared retry policy, since the client retries neither POSTs nor 429s.
+Searches are throttled to the documented 5 requests per second, and every call (properties,
+search and archived pages, retries included) is paced under the app's rolling window as its answers
+announce it (:mod:`opsloop.crm.pacing`, as the push does); 429s (with ``Retry-After``) and 5xx go
+through the shared retry policy, since the client retries neither POSTs nor 429s.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
 from opsloop.crm.clients import classify_hubspot, hubspot_timeout
+from opsloop.crm.pacing import WindowPacer, paced
 from opsloop.crm.retry import DEFAULT_POLICY, RetryPolicy, VendorFailure
 from opsloop.errors import TerminalError
 from opsloop.sources.crm import TS, CrmSource, ObjectSchema, parse_time
 from opsloop.spec import PipelineSpec, SourceSpec, TableSpec
 
+T = TypeVar("T")
 PAGE = 200
 CAP = 10_000
 STAMP = "hs_lastmodifieddate"
@@ -49,6 +53,7 @@ class HubSpotSource(CrmSource):
         self.min_interval = 1.0 / searches_per_second if searches_per_second > 0 else 0.0
         self._last_search = 0.0
         self.windows = 0
+        self.pacer = WindowPacer()  # idle until an answer announces the app's request window
         self._search_api = client.crm.objects.search_api  # build API objects once (each access = new pool)
         self._basic_api = client.crm.objects.basic_api
         self._props_api = client.crm.properties.core_api
@@ -56,9 +61,14 @@ class HubSpotSource(CrmSource):
     def classify(self, exc: BaseException) -> VendorFailure | None:
         return classify_hubspot(exc)
 
+    def paced_call(self, fn: Callable[[], tuple[T, int, Any]], what: str) -> T:
+        """Call a ``*_with_http_info`` method under the rolling window, with retries; return the data."""
+        data, _status, _headers = self.call(paced(self.pacer, fn), what)
+        return data
+
     def describe(self, table: TableSpec) -> list[tuple[str, pa.DataType]]:
-        res = self.call(
-            lambda: self._props_api.get_all(table.name, _request_timeout=hubspot_timeout(self.client)),
+        res = self.paced_call(
+            lambda: self._props_api.get_all_with_http_info(table.name, _request_timeout=hubspot_timeout(self.client)),
             f"properties of {table.name}",
         )
         return [(p.name, arrow_type(p.type)) for p in res.results if p.name not in (STAMP, "hs_object_id")]
@@ -81,8 +91,8 @@ class HubSpotSource(CrmSource):
             after=str(after) if after else None,
         )
         self._throttle()
-        return self.call(
-            lambda: self._search_api.do_search(
+        return self.paced_call(
+            lambda: self._search_api.do_search_with_http_info(
                 table.name, public_object_search_request=req, _request_timeout=hubspot_timeout(self.client)
             ),
             f"search {table.name}",
@@ -121,7 +131,7 @@ class HubSpotSource(CrmSource):
     def _archived(self, table: TableSpec, start: datetime) -> Iterator[list[dict[str, Any]]]:
         after: str | None = None
         while True:
-            res = self.call(self._archived_page(table, after), f"archived {table.name}")
+            res = self.paced_call(self._archived_page(table, after), f"archived {table.name}")
             rows = []
             for r in res.results or []:
                 when = parse_time(getattr(r, "archived_at", None) or r.updated_at)
@@ -133,9 +143,9 @@ class HubSpotSource(CrmSource):
             if after is None:
                 return
 
-    def _archived_page(self, table: TableSpec, after: str | None) -> Callable[[], Any]:
+    def _archived_page(self, table: TableSpec, after: str | None) -> Callable[[], tuple[Any, int, Any]]:
         timeout = hubspot_timeout(self.client)
-        return lambda: self._basic_api.get_page(
+        return lambda: self._basic_api.get_page_with_http_info(
             table.name, limit=100, after=after, archived=True, _request_timeout=timeout
         )
 
