@@ -9,14 +9,12 @@ quarantine rows with their reason, and row counts proving nothing vanished.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from opsloop.devstack.postgres import PgCluster
 from opsloop.ingest import ingest_source
 from opsloop.sources.files import FileSource
 from opsloop.sources.postgres import PostgresSource
@@ -162,17 +160,3 @@ def _ref(name: str) -> Any:
 @pytest.fixture
 def wh(tmp_path: Path) -> DuckDBAdapter:
     return DuckDBAdapter(tmp_path / "wh.duckdb")
-
-
-@pytest.fixture
-def slots(pg_cluster: PgCluster) -> Iterator[list[str]]:
-    """Replication slots a test names are dropped afterwards (slots are cluster-wide and retain WAL)."""
-    names: list[str] = []
-    yield names
-    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as c:
-        for n in names:
-            c.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND NOT active",
-                (n,),
-            )

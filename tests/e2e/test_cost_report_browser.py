@@ -4,7 +4,6 @@ every chart is visible, has drawn bars, and its screenshot is not blank. Screens
 from __future__ import annotations
 
 import io
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,20 +15,8 @@ from opsloop.reports.html import write_html
 from opsloop.spec.ops import CostSpec
 from opsloop.warehouse.base import JobStats
 from opsloop.warehouse.duckdb import DuckDBAdapter
+from tests.support.browser import SHOTS, chromium
 
-REPO = Path(__file__).resolve().parents[2]
-SHOTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CHARTS = ("cost-per-day", "cost-per-run", "cost-per-pipeline", "cost-per-model-version", "unit-costs")
 
@@ -64,48 +51,39 @@ def _month_of_runs(wh: DuckDBAdapter) -> None:
 
 def test_cost_report_renders_with_visible_charts(tmp_path: Path) -> None:
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
-    assert shutil.which("chromium") or Path(CHROMIUM).exists(), (
-        "chromium missing: bash tests/support/install_test_deps.sh"
-    )
     wh = DuckDBAdapter(tmp_path / "w.duckdb")
     _month_of_runs(wh)
     lo, hi = month_range("2026-11")
     report = build_report(costs.read_ledger(wh, lo, hi), lo, hi, "2026-11", budget=0.2, ui_url="http://127.0.0.1:4200")
     html = write_html(report, tmp_path / "report")
-    SHOTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.route(
-                "**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_()
-            )
-            page.goto(html.resolve().as_uri())
-            page.screenshot(path=str(SHOTS / "cost-report-full.png"), full_page=True)
-            for chart in CHARTS:
-                el = page.locator(f"svg[data-chart='{chart}']")
-                assert el.is_visible(), chart
-                box = el.bounding_box()
-                assert box is not None and box["width"] > 400 and box["height"] > 100, (chart, box)
-                bars = el.locator("rect.bar")
-                assert bars.count() > 0, chart
-                sizes = [bars.nth(i).bounding_box() for i in range(min(bars.count(), 20))]
-                assert all(b is not None and b["width"] > 0 and b["height"] > 0 for b in sizes), chart
-                png = el.screenshot(path=str(SHOTS / f"cost-report-{chart}.png"))
-                img = Image.open(io.BytesIO(png)).convert("RGB")
-                colored = sum(1 for px in img.getdata() if max(px) - min(px) > 60)  # saturated bar pixels
-                assert colored > 0.01 * img.width * img.height, (chart, colored)
-            day_bars = page.locator("svg[data-chart='cost-per-day'] rect.bar")
-            assert {day_bars.nth(i).get_attribute("data-series") for i in range(day_bars.count())} == {
-                "BigQuery",
-                "compute",
-                "API",
-            }
-            links = page.locator("table[data-table='top-runs'] a.run")
-            assert links.count() == 10
-            assert links.first.get_attribute("href").startswith("http://127.0.0.1:4200/runs/flow-run/")
-            assert page.locator("[data-alert='budget']").is_visible()
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.route(
+            "**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_()
+        )
+        page.goto(html.resolve().as_uri())
+        page.screenshot(path=str(SHOTS / "cost-report-full.png"), full_page=True)
+        for chart in CHARTS:
+            el = page.locator(f"svg[data-chart='{chart}']")
+            assert el.is_visible(), chart
+            box = el.bounding_box()
+            assert box is not None and box["width"] > 400 and box["height"] > 100, (chart, box)
+            bars = el.locator("rect.bar")
+            assert bars.count() > 0, chart
+            sizes = [bars.nth(i).bounding_box() for i in range(min(bars.count(), 20))]
+            assert all(b is not None and b["width"] > 0 and b["height"] > 0 for b in sizes), chart
+            png = el.screenshot(path=str(SHOTS / f"cost-report-{chart}.png"))
+            img = Image.open(io.BytesIO(png)).convert("RGB")
+            colored = sum(1 for px in img.getdata() if max(px) - min(px) > 60)  # saturated bar pixels
+            assert colored > 0.01 * img.width * img.height, (chart, colored)
+        day_bars = page.locator("svg[data-chart='cost-per-day'] rect.bar")
+        assert {day_bars.nth(i).get_attribute("data-series") for i in range(day_bars.count())} == {
+            "BigQuery",
+            "compute",
+            "API",
+        }
+        links = page.locator("table[data-table='top-runs'] a.run")
+        assert links.count() == 10
+        assert links.first.get_attribute("href").startswith("http://127.0.0.1:4200/runs/flow-run/")
+        assert page.locator("[data-alert='budget']").is_visible()

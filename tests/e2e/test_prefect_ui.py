@@ -8,48 +8,26 @@ Screenshots land in ``test-artifacts/``.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 
 from opsloop.devstack.process import Service
-from tests.support.fixtures.core import REPO
+from tests.support.browser import SHOTS, chromium
 from tests.support.fixtures.operations import OpsStack, wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = REPO / "test-artifacts"
-
 
 @pytest.fixture
 def page(prefect_api: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert shutil.which("chromium") or Path(CHROMIUM).exists(), (
-        "chromium missing: bash tests/support/install_test_deps.sh"
-    )
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as browser:
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(60_000)
         yield pg
-        browser.close()
 
 
 def _field(pg: Any, label: str, tag: str) -> Any:
@@ -67,7 +45,6 @@ def test_custom_run_from_the_ui(
 
     ui = prefect_api.removesuffix("/api")
     run_name = f"ui-custom-{int(time.time())}"
-    SHOTS.mkdir(exist_ok=True)
 
     # find the nightly deployment in the deployments list
     page.goto(f"{ui}/deployments", wait_until="networkidle")

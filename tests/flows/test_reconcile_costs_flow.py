@@ -5,7 +5,6 @@ client), and DuckDB mode, which has nothing to reconcile."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from opsloop import costs
 from opsloop.spec.ops import CostSpec
 from opsloop.warehouse.base import JobStats
 from opsloop.warehouse.bigquery import BigQueryAdapter, make_bigquery_client
-from tests.support.bq_recorder import BigQueryRecorder
+from tests.support.bq_recorder import JOB_HISTORY_FIELDS, BigQueryRecorder
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = str(REPO / "pipelines" / "customer_ops_ai.yaml")
@@ -35,14 +34,6 @@ def _pem() -> str:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-
-
-@pytest.fixture
-def rec() -> Iterator[BigQueryRecorder]:
-    recorder = BigQueryRecorder()
-    recorder.start()
-    yield recorder
-    recorder.stop()
 
 
 def _cell(value: Any) -> Any:
@@ -80,18 +71,8 @@ def test_reconcile_flow_in_bigquery_mode(prefect_api: str, rec: BigQueryRecorder
         fields,
         [[_cell(row[c]) for c in costs.LEDGER_COLUMNS]],
     )
-    history_fields = [
-        {"name": n, "type": t}
-        for n, t in (
-            ("flow_run_id", "STRING"),
-            ("task", "STRING"),
-            ("jobs", "INTEGER"),
-            ("bytes_processed", "INTEGER"),
-            ("bytes_billed", "INTEGER"),
-            ("slot_ms", "INTEGER"),
-        )
-    ]
-    rec.results[r"INFORMATION_SCHEMA\.JOBS"] = (history_fields, [[run, "load_events", 2, 73_924_608, billed, 19_153]])
+    history = [[run, "load_events", 2, 73_924_608, billed, 19_153]]
+    rec.results[r"INFORMATION_SCHEMA\.JOBS"] = (JOB_HISTORY_FIELDS, history)
 
     name = f"rec-{uuid.uuid4().hex[:8]}"
     BigQueryConnector(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -12,7 +11,6 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from opsloop.devstack.postgres import PgCluster
 from opsloop.ingest import ingest_source
 from opsloop.sources.base import LoadRequest, Position, Sink
 from opsloop.sources.postgres import PostgresSource
@@ -126,20 +124,6 @@ def slot_info(dsn: str, slot: str) -> dict[str, Any] | None:
             (slot,),
         ).fetchone()
     return {"confirmed": row[0], "restart": row[1]} if row else None
-
-
-@pytest.fixture
-def slots(pg_cluster: PgCluster) -> Iterator[list[str]]:
-    """Slot names a test registers are dropped afterwards (slots are cluster-wide and retain WAL)."""
-    names: list[str] = []
-    yield names
-    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as c:
-        for n in names:
-            c.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND NOT active",
-                (n,),
-            )
 
 
 @pytest.fixture

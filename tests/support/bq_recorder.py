@@ -29,6 +29,18 @@ import sqlglot
 from sqlglot import exp
 
 RECORDED = json.loads((Path(__file__).with_name("bq_recorded_jobs.json")).read_text())
+# the columns of opsloop's INFORMATION_SCHEMA.JOBS history query, as BigQuery's schema of its result
+JOB_HISTORY_FIELDS = [
+    {"name": n, "type": t}
+    for n, t in (
+        ("flow_run_id", "STRING"),
+        ("task", "STRING"),
+        ("jobs", "INTEGER"),
+        ("bytes_processed", "INTEGER"),
+        ("bytes_billed", "INTEGER"),
+        ("slot_ms", "INTEGER"),
+    )
+]
 _API = "/bigquery/v2/projects/"
 _UPLOAD = "/upload/bigquery/v2/projects/"
 

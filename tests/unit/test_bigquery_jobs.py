@@ -5,7 +5,6 @@ error translation (Terminal vs Transient, with identifiers)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -55,14 +54,6 @@ def data(n: int = 6) -> pa.Table:
         ],
         schema=SCHEMA,
     )
-
-
-@pytest.fixture
-def rec() -> Iterator[BigQueryRecorder]:
-    recorder = BigQueryRecorder()
-    recorder.start()
-    yield recorder
-    recorder.stop()
 
 
 def adapter(rec: BigQueryRecorder, **kw: Any) -> BigQueryAdapter:

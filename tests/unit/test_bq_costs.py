@@ -6,7 +6,6 @@ those labels; the reconciliation query runs through the client and is compared w
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,21 +18,13 @@ from opsloop.spec.ops import CostSpec
 from opsloop.warehouse.base import MergeSpec, TableRef, TableSchema, clean_labels
 from opsloop.warehouse.bigquery import BigQueryAdapter, make_bigquery_client
 from opsloop.warehouse.write import write_merge
-from tests.support.bq_recorder import BigQueryRecorder
+from tests.support.bq_recorder import JOB_HISTORY_FIELDS, BigQueryRecorder
 
 T0 = datetime(2026, 11, 5, 2, 0, tzinfo=UTC)
 SCHEMA = pa.schema(
     [("event_id", pa.string()), ("amount", pa.decimal128(38, 9)), ("updated_at", pa.timestamp("us", tz="UTC"))]
 )
 TARGET = TableRef("ops_ai", "events")
-
-
-@pytest.fixture
-def rec() -> Iterator[BigQueryRecorder]:
-    recorder = BigQueryRecorder()
-    recorder.start()
-    yield recorder
-    recorder.stop()
 
 
 def adapter(rec: BigQueryRecorder, labels: dict[str, str]) -> BigQueryAdapter:
@@ -116,19 +107,8 @@ def test_recorded_job_statistics_land_in_the_ledger_with_the_run_labels(rec: Big
     assert costs.stage_jobs(run, "score") == []  # ingest's jobs are claimed; the ledger's own are bookkeeping
 
     # reconciliation: the job-history query goes through the client; BigQuery's figures agree
-    fields = [
-        {"name": n, "type": t}
-        for n, t in (
-            ("flow_run_id", "STRING"),
-            ("task", "STRING"),
-            ("jobs", "INTEGER"),
-            ("bytes_processed", "INTEGER"),
-            ("bytes_billed", "INTEGER"),
-            ("slot_ms", "INTEGER"),
-        )
-    ]
     rec.results[r"INFORMATION_SCHEMA\.JOBS"] = (
-        fields,
+        JOB_HISTORY_FIELDS,
         [
             [run.lower(), "load_events", len(recorded), processed, billed, slot_ms],
             [run.lower(), "record_stage_cost", 2, 0, 10_485_760, 5],
