@@ -12,18 +12,20 @@ runner can stop cleanly and leave the rest for the next run.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import pyarrow as pa
 
 from opsloop.crm.pacing import WindowPacer
-from opsloop.crm.retry import RetryPolicy, RetryStats
+from opsloop.crm.retry import RetryPolicy, RetryStats, call_with_retry
 
+T = TypeVar("T")
 FieldKind = Literal["number", "enumeration", "string", "datetime", "bool"]
 
 
@@ -172,6 +174,7 @@ class SinkBase:
         self.budget = Budget()
         self.pacer = WindowPacer()  # idle until a vendor announces a request window (HubSpot does)
         self.call_budget: int | None = None
+        self.sleep: Callable[[float], None] = time.sleep  # backoff waits (tests pass a fake clock)
 
     def pipelined(
         self,
@@ -219,6 +222,22 @@ class SinkBase:
             for _, fut in flight:
                 fut.cancel()  # not started yet: never sent
             pool.shutdown(wait=True)
+
+    def counted_call(self, fn: Callable[[], T], classify: Callable[[BaseException], Any], what: str) -> T:
+        """``fn()`` as one API call: claimed against the call budget (:meth:`claim_call`), then retried
+        under the sink's policy (:func:`~opsloop.crm.retry.call_with_retry`), sleeping with ``self.sleep``."""
+        self.claim_call()
+        return call_with_retry(
+            fn,
+            classify,
+            what=what,
+            block=self.block,
+            vendor=self.vendor,
+            policy=self.policy,
+            stats=self.stats,
+            sleep=self.sleep,
+            counted=True,
+        )
 
     def claim_call(self) -> None:
         """Check one more call against the call budget and count it, atomically (requests may be

@@ -27,7 +27,7 @@ from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rech
 from opsloop.crm.clients import classify_hubspot, hubspot_timeout
 from opsloop.crm.pacing import paced
 from opsloop.crm.payload import VALUE_PREFIX
-from opsloop.crm.retry import RetryPolicy, call_with_retry
+from opsloop.crm.retry import RetryPolicy
 from opsloop.errors import TerminalError
 
 T = TypeVar("T")
@@ -156,18 +156,7 @@ class HubSpotSink(SinkBase):
     def _call(self, fn: Callable[[], tuple[Any, int, Any]], what: str) -> Any:
         """Call a ``*_with_http_info`` method, paced under the rolling window (every attempt); note
         the window and the daily-limit headers; return the data."""
-        self.claim_call()
-        data, status, headers = call_with_retry(
-            paced(self.pacer, fn),
-            classify_hubspot,
-            what=what,
-            block=self.block,
-            vendor=self.vendor,
-            policy=self.policy,
-            stats=self.stats,
-            sleep=self.sleep,
-            counted=True,
-        )
+        data, status, headers = self.counted_call(paced(self.pacer, fn), classify_hubspot, what)
         daily, left = headers.get("X-HubSpot-RateLimit-Daily"), headers.get("X-HubSpot-RateLimit-Daily-Remaining")
         if daily is not None and left is not None:
             self.budget.limit, self.budget.used = int(daily), int(daily) - int(left)

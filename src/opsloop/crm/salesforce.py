@@ -32,7 +32,7 @@ import pyarrow.csv as pacsv
 from opsloop.crm.base import BatchResult, FieldSpec, SchemaCheck, SinkBase, rechunk
 from opsloop.crm.clients import classify_salesforce
 from opsloop.crm.payload import VALUE_PREFIX, encode_column, json_strings
-from opsloop.crm.retry import RetryPolicy, call_with_retry
+from opsloop.crm.retry import RetryPolicy
 from opsloop.errors import TerminalError, TransientError
 
 T = TypeVar("T")
@@ -150,19 +150,8 @@ class SalesforceSink(SinkBase):
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        self.claim_call()
         try:
-            return call_with_retry(
-                fn,
-                self.classify,
-                what=what,
-                block=self.block,
-                vendor=self.vendor,
-                policy=self.policy,
-                stats=self.stats,
-                sleep=self.sleep,
-                counted=True,
-            )
+            return self.counted_call(fn, self.classify, what)
         finally:
             m = _USAGE_RE.search(str(getattr(self.sf.session, "last_headers", {}).get("Sforce-Limit-Info", "")))
             if m:
