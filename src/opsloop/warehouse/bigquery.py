@@ -33,6 +33,7 @@ from opsloop.warehouse.merge import (
     create_table_sql,
     merge_sql,
     state_merge_sql,
+    state_params,
 )
 
 __all__ = ["BigQueryAdapter", "make_bigquery_client"]
@@ -379,16 +380,8 @@ class BigQueryAdapter:
     def commit_state(self, state: StateUpdate) -> JobStats:
         """Upsert the state row (a separate job, after the MERGE it describes)."""
         self._ensure_state_table()
-        params = {
-            "pipeline": state.pipeline,
-            "source": state.source,
-            "watermark": state.watermark,
-            "cursor": state.cursor,
-            "last_run_id": state.run_id,
-            "extra": state.extra,
-        }
         sql = state_merge_sql(self._sql, self.meta_dataset)
-        return self._query_job(sql, params, "state", f"{self.meta_dataset}.{STATE_TABLE}")[1]
+        return self._query_job(sql, state_params(state), "state", f"{self.meta_dataset}.{STATE_TABLE}")[1]
 
     def close(self) -> None:
         """Close the Storage API channel this adapter opened (the REST client belongs to the caller)."""

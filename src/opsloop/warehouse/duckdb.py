@@ -38,7 +38,6 @@ from opsloop.warehouse.duckdb_support import (
     arrow_schema_logical,
     logical,
     pulled,
-    state_params,
     translate,
 )
 from opsloop.warehouse.merge import (
@@ -49,6 +48,7 @@ from opsloop.warehouse.merge import (
     create_table_sql,
     merge_plan,
     state_merge_sql,
+    state_params,
 )
 
 __all__ = ["DuckDBAdapter", "arrow_schema_logical"]

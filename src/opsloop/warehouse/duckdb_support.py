@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from opsloop.errors import TerminalError, TransientError
-from opsloop.warehouse.base import StateUpdate, arrow_to_logical
+from opsloop.warehouse.base import arrow_to_logical
 
 _DUCK_TO_LOGICAL = {
     "VARCHAR": "STRING",
@@ -66,17 +65,6 @@ def pulled(batches: Iterable[pa.RecordBatch], raised: list[BaseException]) -> It
     except BaseException as exc:  # DuckDB wraps it (message + traceback text): keep the original
         raised.append(exc)
         raise
-
-
-def state_params(state: StateUpdate) -> dict[str, Any]:
-    return {
-        "pipeline": state.pipeline,
-        "source": state.source,
-        "watermark": state.watermark,
-        "cursor": state.cursor,
-        "last_run_id": state.run_id,
-        "extra": state.extra,
-    }
 
 
 def arrow_schema_logical(schema: pa.Schema) -> dict[str, str]:

@@ -8,9 +8,10 @@ Unit tests snapshot the exact SQL for both dialects and parse the BigQuery form 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from opsloop.spec.base import check_ident
-from opsloop.warehouse.base import Column, MergeSpec, TableRef, TableSchema
+from opsloop.warehouse.base import Column, MergeSpec, StateUpdate, TableRef, TableSchema
 
 DUCKDB_TYPES = {
     "STRING": "VARCHAR",
@@ -263,6 +264,18 @@ STATE_SCHEMA = TableSchema(
     )
 )
 _STATE_PARAMS = ("pipeline", "source", "watermark", "cursor", "last_run_id", "extra")
+
+
+def state_params(state: StateUpdate) -> dict[str, Any]:
+    """The parameters of :func:`state_merge_sql` for ``state``."""
+    return {
+        "pipeline": state.pipeline,
+        "source": state.source,
+        "watermark": state.watermark,
+        "cursor": state.cursor,
+        "last_run_id": state.run_id,
+        "extra": state.extra,
+    }
 
 
 def state_merge_sql(d: Dialect, meta_dataset: str) -> str:
