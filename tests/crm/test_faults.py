@@ -37,11 +37,6 @@ from tests.crm.helpers import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def wh(tmp_path: Path) -> DuckDBAdapter:
-    return DuckDBAdapter(tmp_path / "wh.duckdb")
-
-
 def _ok_calls(sbx: SandboxClient, route: str) -> int:
     return sum(
         1

@@ -40,11 +40,6 @@ def library_json(monkeypatch: pytest.MonkeyPatch) -> type[_LibraryJson]:
     return _LibraryJson
 
 
-@pytest.fixture
-def wh(tmp_path: Path) -> DuckDBAdapter:
-    return DuckDBAdapter(tmp_path / "wh.duckdb")
-
-
 def _sink(sbx: SandboxClient) -> HubSpotSink:
     return HubSpotSink(hubspot_client(sbx.hubspot_token, sbx.url, timeout=(5, 30)), "blk", "contacts", "customer_id")
 

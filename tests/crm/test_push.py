@@ -26,11 +26,6 @@ from tests.crm.helpers import (
 )
 
 
-@pytest.fixture
-def wh(tmp_path: Path) -> DuckDBAdapter:
-    return DuckDBAdapter(tmp_path / "wh.duckdb")
-
-
 def _writes(sbx: SandboxClient, vendor: str) -> int:
     return sbx.requests()[vendor]["writes"]
 

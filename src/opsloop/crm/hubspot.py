@@ -16,7 +16,7 @@ import importlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -30,7 +30,6 @@ from opsloop.crm.payload import VALUE_PREFIX
 from opsloop.crm.retry import RetryPolicy
 from opsloop.errors import TerminalError
 
-T = TypeVar("T")
 BATCH_SIZE = 100
 _TYPES: dict[str, tuple[str, str]] = {
     "number": ("number", "number"),
