@@ -289,3 +289,42 @@ def test_flushes_shrink_toward_the_end_and_run_on_one_duckdb_thread_beside_the_p
     with wh.connect() as con:  # the file's own thread count is back once the push is over
         assert con.execute("SELECT current_setting('threads')").fetchone()[0] > 1
     _consistent(wh, crm_sandbox, rows, "hubspot")
+
+
+def test_the_first_flush_near_the_end_checkpoints_in_the_background_once(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first background flush with at most SETTLE_ROWS records still to push writes the WAL into
+    the file on the flusher's thread (the push's last requests go on meanwhile), so the checkpoint
+    when the session closes after the last answer has only the rest to write. Once per push."""
+    from opsloop.crm import runner
+
+    spec, rows = staged(wh, tmp_path, 1000)
+    monkeypatch.setattr(runner, "TAIL_FLUSH_ROWS", 100)
+    monkeypatch.setattr(runner, "SETTLE_ROWS", 300)
+    wal = Path(wh.path + ".wal")
+    flushed: list[int] = []
+    settled: list[tuple[str, int, int, int]] = []
+    flush, checkpoint = SyncTables.flush, SyncTables.checkpoint
+
+    def spy_flush(self: SyncTables, results: Any, *a: Any, **k: Any) -> Any:
+        flushed.append(sum(len(r) for r in results))
+        return flush(self, results, *a, **k)
+
+    def spy_checkpoint(self: SyncTables) -> None:
+        before = wal.stat().st_size if wal.exists() else 0
+        checkpoint(self)
+        after = wal.stat().st_size if wal.exists() else 0
+        settled.append((threading.current_thread().name, sum(flushed), before, after))
+
+    monkeypatch.setattr(SyncTables, "flush", spy_flush)
+    monkeypatch.setattr(SyncTables, "checkpoint", spy_checkpoint)
+    rep = push(wh, spec, "hubspot", crm_sandbox, flush_rows=400)
+    assert rep["pushed"] == 1000 and rep["failed"] == 0
+    assert flushed == [400, 300, 200, 100]
+    # hand-offs at 400 (600 to go), 700 (300 to go: the first within SETTLE_ROWS) and 900 (100 to go)
+    assert len(settled) == 1
+    name, recorded, before, after = settled[0]
+    assert name.startswith("sync-flush") and recorded == 700
+    assert before > 0 and after == 0  # the WAL held the flushes; the checkpoint wrote them into the file
+    _consistent(wh, crm_sandbox, rows, "hubspot")

@@ -51,6 +51,10 @@ class RunOptions:
 
 
 TAIL_FLUSH_ROWS = 5_000
+# the first background flush with at most this many records still to push after it also checkpoints
+# (DuckDB): the push's earlier flushes are written into the file while the last requests run, and the
+# checkpoint when the warehouse session closes, after the last answer, writes only what came since
+SETTLE_ROWS = 2 * TAIL_FLUSH_ROWS
 
 
 def flush_at(flush_rows: int, remaining: int) -> int:
@@ -273,20 +277,25 @@ def _push(
     buffered = 0
     attempted = 0
     flushes = 0
+    settled = False
     writer = BackgroundFlusher(tables)
 
-    def flush(batch: list[BatchResult], key: str) -> None:
+    def flush(batch: list[BatchResult], key: str, settle: bool = False) -> None:
         counts = tables.flush(batch, run.run_id, spec.sync.retry_cap, key)
         by_code = report["failed_by_code"]
         for code, k in counts.pop("failed_by_code", {}).items():
             by_code[code] = by_code.get(code, 0) + k
         for name, v in counts.items():
             report[name] = report.get(name, 0) + v
+        if settle:
+            tables.checkpoint()
 
     def hand_off() -> None:
-        nonlocal buffer, buffered, flushes
+        nonlocal buffer, buffered, flushes, settled
         flushes += 1
-        writer.submit(flush, buffer, f"{run.run_id}_{flushes}")  # waits for the previous one
+        settle = not settled and total - attempted <= SETTLE_ROWS
+        settled = settled or settle
+        writer.submit(flush, buffer, f"{run.run_id}_{flushes}", settle)  # waits for the previous one
         buffer, buffered = [], 0
 
     try:

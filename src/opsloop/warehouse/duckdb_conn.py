@@ -125,16 +125,19 @@ class DuckDBFile:
         con.execute("SET enable_progress_bar = false")  # no bar on a worker's stderr
         return con
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, release: bool = True) -> None:
         """Inside a session, between transactions: write what is committed into the file now (DuckDB
         does it when the WAL passes ``checkpoint_threshold``, or when the connection closes). A
         source calls it while it waits on its own server (:meth:`StreamLoader.settle`), so the
-        checkpoint overlaps that wait instead of coming after it. Elsewhere: nothing."""
+        checkpoint overlaps that wait instead of coming after it; so does a CRM push's last
+        background flush. ``release``: hand DuckDB's free memory back to the system first. Elsewhere:
+        nothing."""
         s = self._session
         if s.con is None or s.in_tx:
             return
         try:
-            duckdb_release_unused()
+            if release:
+                duckdb_release_unused()
             with contextlib.suppress(duckdb.TransactionException):  # another transaction in the way: a later
                 s.con.execute("CHECKPOINT")  # checkpoint (at the latest when the session closes) writes it
         except duckdb.Error as exc:
