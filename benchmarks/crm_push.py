@@ -120,7 +120,7 @@ def _opsloop(
 ) -> dict[str, Any]:
     """One push through ``push_destination``; ``tune(sink)`` may adjust the sink first."""
     from opsloop.crm.clients import hubspot_client, salesforce_client
-    from opsloop.crm.runner import RunOptions, diff_options, make_sink, push_destination
+    from opsloop.crm.runner import RunOptions, make_sink, push_destination
     from opsloop.spec import load_spec
 
     path = spec_dir / f"bench_{bulk}.yaml"
@@ -139,7 +139,7 @@ def _opsloop(
     before = sbx.requests()[crm]["requests"]
 
     def push() -> dict[str, Any]:
-        rep = push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
+        rep = push_destination(wh, sink, dest, spec, opts)
         keep = ("candidates", "status", "api_retries", "api_paced_s")
         return {"records": rep["pushed"], **{k: rep.get(k) for k in keep}}
 

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.blocks.core import Block
 
 from blocks import load_warehouse
-from opsloop.crm.runner import RunOptions, diff_options, make_sink, push_destination
+from opsloop.crm.runner import RunOptions, make_sink, push_destination
 from opsloop.errors import ConfigError
 from opsloop.spec import load_spec
 from tasks.common import TRANSIENT_RETRIES, flow_run_id, run_labels
@@ -44,7 +44,7 @@ def push_crm_destination(
     run = RunOptions(
         run_id=flow_run_id(), dry_run=dry_run or spec.sync.dry_run, limit=limit, retry_failed_only=retry_failed_only
     )
-    report = push_destination(wh, sink, diff_options(wh, spec, dest, run), spec, run)
+    report = push_destination(wh, sink, dest, spec, run)
     if not run.dry_run:
         report.pop("samples", None)
     return report

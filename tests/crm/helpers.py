@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from opsloop.crm.clients import hubspot_client, salesforce_client
 from opsloop.crm.retry import RetryPolicy
-from opsloop.crm.runner import RunOptions, diff_options, make_sink, push_destination
+from opsloop.crm.runner import RunOptions, make_sink, push_destination
 from opsloop.spec import PipelineSpec, load_spec
 from opsloop.warehouse.base import TableRef, TableSchema, Warehouse
 from sandbox.client import SandboxClient
@@ -147,7 +147,7 @@ def push(
     if crm == "salesforce" and policy is None:
         sink.poll_interval = 0.02  # type: ignore[attr-defined]
     opts = RunOptions(run_id=run_id, **run)
-    return push_destination(wh, sink, diff_options(wh, spec, dest, opts), spec, opts)
+    return push_destination(wh, sink, dest, spec, opts)
 
 
 def expected(rows: list[dict[str, Any]], scored: Callable[[datetime], Any]) -> dict[str, tuple[Any, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from opsloop.crm.runner import RunOptions, diff_options, make_sink, push_destination
+from opsloop.crm.runner import RunOptions, make_sink, push_destination
 from opsloop.spec import load_spec
 from opsloop.warehouse.duckdb import DuckDBAdapter
 from sandbox.client import SandboxClient
@@ -25,7 +25,7 @@ def main() -> None:
     wh = DuckDBAdapter(wh_path)
     sink = make_sink(dest, client, str(dest.connection), spec, policy=FAST)
     run = RunOptions(run_id=run_id, flush_rows=int(flush))
-    print(push_destination(wh, sink, diff_options(wh, spec, dest, run), spec, run)["status"])
+    print(push_destination(wh, sink, dest, spec, run)["status"])
 
 
 if __name__ == "__main__":

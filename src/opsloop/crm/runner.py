@@ -144,13 +144,13 @@ def make_sink(
 
 
 def push_destination(
-    wh: Warehouse, sink: CrmSink, opts: DiffOptions, spec: PipelineSpec, run: RunOptions
+    wh: Warehouse, sink: CrmSink, dest: DestinationSpec, spec: PipelineSpec, run: RunOptions
 ) -> dict[str, Any]:
     started = datetime.now(UTC)
     clock = time.perf_counter()
-    tables = SyncTables(wh, opts.pipeline, opts.destination)
+    tables = SyncTables(wh, spec.name, dest.name)
     report: dict[str, Any] = {
-        "destination": opts.destination,
+        "destination": dest.name,
         "vendor": sink.vendor,
         "object": sink.object,
         "run_id": run.run_id,
@@ -167,12 +167,14 @@ def push_destination(
         "failed_by_code": {},
         "api_calls": 0,
     }
-    # warehouse work before the first CRM call (tables, gate, diff) shares one session, and so do the
-    # last flush and the run row after the last call (DuckDB: one connection each, not one per statement)
+    # warehouse work before the first CRM call (the destination's columns, tables, gate, diff) shares one
+    # session, and so do the last flush and the run row after the last call (DuckDB: one connection
+    # each, not one per statement; the file is not held while the push waits on the CRM)
     head = contextlib.ExitStack()
     with contextlib.ExitStack() as failed:
         failed.callback(head.close)
         head.enter_context(held_open(wh))
+        opts = diff_options(wh, spec, dest, run)
         tables.ensure()
         verdict = push_allowed(wh, opts.pipeline, spec.sync.block_on)
         spent_today = tables.calls_today()
