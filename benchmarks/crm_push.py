@@ -292,7 +292,8 @@ def _analysis(rows: dict[str, dict[str, Any]]) -> str:
         f"{min(map(slowdown, naive_rows)):.1f}–{max(map(slowdown, naive_rows)):.1f} for the naive loops. What is "
         "left in series on those paths is the client's diff and schema probe before the first request, the last "
         "sync-log flush after the last answer (a small one: the others, shrinking toward the end, run on a "
-        "background thread beside the requests) and "
+        "background thread beside the requests, and the first of them near the end also checkpoints, so the "
+        "checkpoint when the warehouse file is closed has little left to write) and "
         "the sandbox's per-record work."
     )
     return "\n\n**What bounds the plain-loopback speed-up.** " + " ".join(parts)
