@@ -129,8 +129,8 @@ class DuckDBFile:
         """Inside a session, between transactions: write what is committed into the file now (DuckDB
         does it when the WAL passes ``checkpoint_threshold``, or when the connection closes). A
         source calls it while it waits on its own server (:meth:`StreamLoader.settle`), so the
-        checkpoint overlaps that wait instead of coming after it; so does a CRM push's last
-        background flush. ``release``: hand DuckDB's free memory back to the system first. Elsewhere:
+        checkpoint overlaps that wait instead of coming after it; so does a CRM push's background
+        flush near its end. ``release``: hand DuckDB's free memory back to the system first. Elsewhere:
         nothing."""
         s = self._session
         if s.con is None or s.in_tx:
