@@ -100,6 +100,24 @@ def test_push_paces_itself_under_the_rate_window(wh: DuckDBAdapter, tmp_path: Pa
     assert actual_hs(crm_sandbox) == expected_hs(rows)
 
 
+@pytest.mark.slow
+def test_a_request_that_arrives_late_does_not_push_the_next_ones_over_the_window(
+    wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient
+) -> None:
+    """The CRM counts a request when it arrives. The first batch reaches the window 0.3 s after the
+    pacer let it go (a new TLS connection, a busy machine): it counts until 0.3 s later than its
+    send, so the requests that would fill its place a window after the send must wait for its answer's
+    time instead, or the CRM refuses one."""
+    spec, rows = staged(wh, tmp_path, 1500)
+    crm_sandbox.rate_limit(8, window_ms=1000, retry_after=False)
+    crm_sandbox.fault("/batch/upsert", method="POST", delay=0.3, count=1)
+    rep = push(wh, spec, "hubspot", crm_sandbox)
+    statuses = crm_sandbox.requests()["hubspot"]["status"]
+    assert rep["created"] == 1500 and rep["failed"] == 0
+    assert statuses.get("429", 0) == 0 and rep["api_retries"] == 0
+    assert actual_hs(crm_sandbox) == expected_hs(rows)
+
+
 @pytest.mark.parametrize("spent", [8, 6])
 def test_a_window_another_client_spent_is_waited_out(
     spent: int, wh: DuckDBAdapter, tmp_path: Path, crm_sandbox: SandboxClient, hs_client: Any

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from opsloop.crm.pacing import INTERVAL_HEADER, MARGIN_SHARE, MAX_HEADER, REMAINING_HEADER, WindowPacer
+import pytest
+
+from opsloop.crm.pacing import INTERVAL_HEADER, MARGIN_SHARE, MAX_HEADER, REMAINING_HEADER, WindowPacer, paced
 
 
 class FakeClock:
@@ -56,8 +58,8 @@ def test_the_request_after_the_limit_waits_for_the_oldest_to_leave_the_window() 
 
 
 def test_a_request_counts_for_the_window_plus_the_margin() -> None:
-    """The vendor counts a request from its arrival, a little after it was sent: just past one
-    window after the oldest send, that one still counts."""
+    """Just past one window after the oldest send, that one still counts (the margin: the vendor's
+    clock and the edges of its window)."""
     clock = FakeClock()
     pacer = WindowPacer(limit=3, window=10.0, clock=clock, sleep=clock.sleep)
     for _ in range(3):
@@ -131,3 +133,49 @@ def test_threads_sending_at_once_never_exceed_the_window() -> None:
     assert min(gaps) >= 0.2, min(gaps)  # the sixth request of any six came a whole window after the first
     assert sent[-1] - sent[0] >= (40 / 5 - 1) * 0.2
     assert pacer.paced > 0
+
+
+def test_an_answered_request_counts_from_its_answer() -> None:
+    """The vendor counted it when it arrived, at the latest when its answer came: a request that took
+    4 s to be answered still counts 10 s after that, not 10 s after it was let go."""
+    clock = FakeClock()
+    pacer = WindowPacer(limit=1, window=10.0, clock=clock, sleep=clock.sleep)
+    pacer.wait()  # let go at 100
+    clock.now = 104.0
+    pacer.answered()
+    clock.now = 111.0  # past 100 + the window, not past 104 + the window
+    assert pacer.wait() > 0 and abs(clock.now - (104 + 10 * (1 + MARGIN_SHARE))) < 1e-9
+    pacer.answered()  # at once this time
+    clock.now = 104 + 2 * 10 * (1 + MARGIN_SHARE)
+    assert pacer.wait() == 0.0
+
+
+def test_a_paced_call_that_fails_counts_from_when_it_failed() -> None:
+    """A refused or broken request may have been counted too: :func:`paced` moves it to when the
+    call raised, and the next request waits for that, not for the send."""
+    clock = FakeClock()
+    pacer = WindowPacer(limit=1, window=10.0, clock=clock, sleep=clock.sleep)
+
+    def refused() -> tuple[None, int, dict[str, str]]:
+        clock.now += 3.0  # 3 s on the way, then refused
+        raise ConnectionError("reset")
+
+    with pytest.raises(ConnectionError):
+        paced(pacer, refused)()
+    clock.now = 111.0
+    assert pacer.wait() > 0 and abs(clock.now - (103 + 10 * (1 + MARGIN_SHARE))) < 1e-9
+
+
+def test_threads_answers_move_only_their_own_request() -> None:
+    """Each thread's answer moves the request that thread sent, not another thread's."""
+    clock = FakeClock()
+    pacer = WindowPacer(limit=2, window=10.0, clock=clock, sleep=clock.sleep)
+    other = threading.Thread(target=pacer.wait)
+    other.start()
+    other.join()  # another thread's request, at 100, never answered here
+    pacer.wait()  # ours, at 100
+    clock.now = 105.0
+    pacer.answered()  # ours counts from 105 now; the other thread's still from 100
+    clock.now = 111.0
+    assert pacer.wait() == 0.0  # the other thread's request left the window at 110.2
+    assert pacer.wait() > 0 and abs(clock.now - (105 + 10 * (1 + MARGIN_SHARE))) < 1e-9

@@ -13,6 +13,12 @@ until one more fits the window the last answer announced. What others had spent 
 the pacer started comes from the first answer's ``-Remaining``. It changes nothing until an answer
 has carried both window headers (with the limit off, the sandbox sends neither). 429s caused by
 other clients of the same app later on are still retried by :func:`opsloop.crm.retry.call_with_retry`.
+
+The vendor counts a request from when it arrives, which the client cannot see: somewhere between
+the moment the pacer let it go and the moment its answer came back. A request counts from the
+first until it is answered, then from the second — never from earlier than the vendor could have
+counted it, however long it took to leave (a new TLS connection, a busy machine, threads taking
+turns) or to arrive.
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ A = TypeVar("A", bound=tuple[Any, ...])
 MAX_HEADER = "X-HubSpot-RateLimit-Max"
 INTERVAL_HEADER = "X-HubSpot-RateLimit-Interval-Milliseconds"
 REMAINING_HEADER = "X-HubSpot-RateLimit-Remaining"
-# slack added to each wait, as a share of the window: a request is timed where it is sent, the
-# vendor counts it where it arrives, and the gap between the two varies from request to request
+# slack added to each wait, as a share of the window (the vendor's clock and its window's edges)
 MARGIN_SHARE = 0.02
 KEEP = 10_000  # send times kept at most (vendors' limits are in the hundreds); bounds memory with no window known
 
@@ -52,7 +57,8 @@ class WindowPacer:
 
     ``limit`` and ``window`` come from the answers' headers (:meth:`observe`), or from the
     constructor. :meth:`wait` blocks, under one lock, until one more request fits. It then records
-    the request. ``paced`` is the total time waited."""
+    the request, as sent now; :meth:`answered`, on the same thread, moves it to when its answer
+    came. ``paced`` is the total time waited."""
 
     def __init__(
         self,
@@ -67,7 +73,9 @@ class WindowPacer:
         self.paced = 0.0
         self._clock = clock
         self._sleep = sleep
-        self._sent: deque[float] = deque(maxlen=KEEP)
+        # when each request counts from: [time], a list so that its answer can move it
+        self._sent: deque[list[float]] = deque(maxlen=KEEP)
+        self._mine = threading.local()  # the request this thread sent last, until answered
         self._lock = threading.Lock()
 
     def observe(self, headers: Mapping[str, Any] | None) -> None:
@@ -88,29 +96,31 @@ class WindowPacer:
             if first and left is not None:
                 now = self._clock()
                 self._trim(now)
-                self._sent.extend([now] * max(0, limit - left - len(self._sent)))
+                self._sent.extend([now] for _ in range(max(0, limit - left - len(self._sent))))
 
     def _span(self) -> float:
-        """How long a request counts after it was sent: the window plus the margin."""
+        """How long a request counts: the window plus the margin."""
         return (self.window or 0.0) * (1 + MARGIN_SHARE)
 
-    def _trim(self, now: float) -> None:
-        """Forget the requests that no longer count at ``now`` (under the lock)."""
+    def _trim(self, now: float) -> list[float]:
+        """Forget the requests that no longer count at ``now``; the times of the others, oldest
+        first (under the lock). An answer moves a request's time later, so the deque is not always
+        in time order: an old one that lasted long keeps younger ones in it a little longer."""
         sent, oldest = self._sent, now - self._span()
-        while sent and sent[0] <= oldest:
+        while sent and sent[0][0] <= oldest:
             sent.popleft()
+        return sorted(t for (t,) in sent if t > oldest)
 
     def _delay(self, now: float) -> float:
         """Seconds until one more request fits the window at ``now`` (under the lock)."""
         limit = self.limit
         if not limit or not self.window:
             return 0.0
-        self._trim(now)
-        sent = self._sent
-        if len(sent) < limit:
+        counted = self._trim(now)
+        if len(counted) < limit:
             return 0.0
         # the request `limit` places back must leave the window first
-        return max(0.0, sent[len(sent) - limit] + self._span() - now)
+        return max(0.0, counted[len(counted) - limit] + self._span() - now)
 
     def wait(self) -> float:
         """Block until one more request fits, record it as sent now, and return the seconds waited.
@@ -122,8 +132,20 @@ class WindowPacer:
                 self._sleep(pause)
                 self.paced += pause
                 now = self._clock()
-            self._sent.append(now)  # also before a window is known: the first answer's request counts too
+            entry = [now]
+            self._sent.append(entry)  # also before a window is known: the first answer's request counts too
+            self._mine.entry = entry
             return pause
+
+    def answered(self) -> None:
+        """The request this thread sent last got its answer (or failed) now: the vendor counted it
+        at the latest now, so it counts from now (its own clock, read under the lock)."""
+        entry = getattr(self._mine, "entry", None)
+        if entry is None:
+            return
+        self._mine.entry = None
+        with self._lock:
+            entry[0] = max(entry[0], self._clock())
 
 
 def paced(pacer: WindowPacer, call: Callable[[], A]) -> Callable[[], A]:
@@ -133,7 +155,10 @@ def paced(pacer: WindowPacer, call: Callable[[], A]) -> Callable[[], A]:
 
     def attempt() -> A:
         pacer.wait()
-        answer = call()
+        try:
+            answer = call()
+        finally:
+            pacer.answered()  # a refused or failed request counted too, at the latest now
         pacer.observe(answer[2])
         return answer
 
