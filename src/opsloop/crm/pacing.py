@@ -102,21 +102,22 @@ class WindowPacer:
         """How long a request counts: the window plus the margin."""
         return (self.window or 0.0) * (1 + MARGIN_SHARE)
 
-    def _trim(self, now: float) -> list[float]:
-        """Forget the requests that no longer count at ``now``; the times of the others, oldest
-        first (under the lock). An answer moves a request's time later, so the deque is not always
-        in time order: an old one that lasted long keeps younger ones in it a little longer."""
+    def _trim(self, now: float) -> None:
+        """Forget the requests that no longer count at ``now`` (under the lock). An answer moves a
+        request's time later, so the deque is not always in time order: an old one that lasted long
+        keeps younger ones in it a little longer (:meth:`_delay` does not count those)."""
         sent, oldest = self._sent, now - self._span()
         while sent and sent[0][0] <= oldest:
             sent.popleft()
-        return sorted(t for (t,) in sent if t > oldest)
 
     def _delay(self, now: float) -> float:
         """Seconds until one more request fits the window at ``now`` (under the lock)."""
         limit = self.limit
         if not limit or not self.window:
             return 0.0
-        counted = self._trim(now)
+        self._trim(now)
+        oldest = now - self._span()
+        counted = sorted(t for (t,) in self._sent if t > oldest)
         if len(counted) < limit:
             return 0.0
         # the request `limit` places back must leave the window first
